@@ -1,0 +1,6 @@
+"""efficia: small, efficient, causal language models on Lightning + Hydra."""
+
+from efficia.checkpoint import LoadedModel, load
+from efficia.errors import EfficiaError
+
+__all__ = ["EfficiaError", "LoadedModel", "load"]

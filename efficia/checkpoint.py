@@ -1,0 +1,105 @@
+"""Safe checkpoint loading and the Python API: `efficia.load(path).generate(text, ...)`.
+
+Checkpoints load with `torch.load(weights_only=True)`: no code in a checkpoint ever runs.
+The run config and tokenizer state inside rebuild the model without the training data.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from efficia.data.tokenizers import Tokenizer, tokenizer_from_state
+from efficia.errors import CheckpointError
+from efficia.generate import generate_tokens
+from efficia.models import build_model
+from efficia.models.blocks import LanguageModel
+
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path train.py printed "
+                              "(e.g. outputs/<date>/<time>/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
+        reason = str(err).split(".")[0][:100] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupted or not a torch "
+                              f"file: {reason}); use a complete .ckpt written by train.py") from None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "cfg" not in hparams or "tokenizer_state" not in hparams:
+        raise CheckpointError(f"{path} is a torch file but not an efficia checkpoint (no run config "
+                              "inside); use a .ckpt written by efficia's train.py")
+    return ckpt
+
+
+class LoadedModel:
+    """A trained model and its tokenizer, ready to sample from."""
+
+    def __init__(self, net: LanguageModel, tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+        self.net, self.tokenizer, self.cfg = net, tokenizer, cfg
+        self.sampling = {k: cfg["sampling"][k] for k in SAMPLING_KEYS}
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    def options(self, **overrides: Any) -> dict[str, Any]:
+        """The checkpoint's sampling preset with every non-None override applied."""
+        unknown = set(overrides) - set(SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s) {sorted(unknown)}; known: {', '.join(SAMPLING_KEYS)}")
+        return {**self.sampling, **{k: v for k, v in overrides.items() if v is not None}}
+
+    def generate(self, text: str, num_samples: int = 1, seed: int | None = None,
+                 on_text: Callable[[str], None] | None = None, **sampling: Any) -> list[str]:
+        """Continue `text` num_samples times (one batch); returns prompt + continuation for each.
+
+        `on_text` receives the first sample's new text as it is produced (streaming).
+        """
+        opts = self.options(**sampling)
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise CheckpointError("the prompt is empty after tokenization; give at least one character")
+        prompt = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        max_new = opts.pop("max_new_tokens")
+        new_tokens: list[torch.Tensor] = []
+        shown = ""
+        for token in generate_tokens(self.net, prompt, max_new, generator=generator, **opts):
+            new_tokens.append(token)
+            if on_text is not None:
+                decoded = self.tokenizer.decode([int(t[0]) for t in new_tokens])
+                if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    on_text(decoded[len(shown):])
+                    shown = decoded
+        if not new_tokens:
+            return [text] * num_samples
+        stacked = torch.stack(new_tokens, dim=1).tolist()
+        return [text + self.tokenizer.decode(row) for row in stacked]
+
+
+def load(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Rebuild model and tokenizer from an efficia checkpoint alone."""
+    ckpt = read_checkpoint(path)
+    hparams = ckpt["hyper_parameters"]
+    cfg = hparams["cfg"]
+    tokenizer = tokenizer_from_state(hparams["tokenizer_state"])
+    net = build_model(cfg["model"], tokenizer.vocab_size)
+    weights = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit model={cfg['model'].get('name')} as configured "
+                              f"inside the checkpoint ({str(err).splitlines()[0]})") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return LoadedModel(net.to(device).eval(), tokenizer, cfg)

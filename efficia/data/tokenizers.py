@@ -1,0 +1,121 @@
+"""Tokenizers: `char` (vocabulary from the corpus, saved in the checkpoint) and `gpt2` (tiktoken).
+
+A tokenizer round-trips through `state()` / `tokenizer_from_state`, plain types only, so a
+checkpoint can rebuild it without the training data and load with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from efficia.errors import TokenizerError
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, chars: str) -> None:
+        if len(set(chars)) != len(chars):
+            raise TokenizerError("char tokenizer: the vocabulary string has repeated characters")
+        self.chars = chars
+        self.stoi = {ch: i for i, ch in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def name(self) -> str:
+        return f"char{self.vocab_size}"
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError:
+            unknown = sorted({ch for ch in text if ch not in self.stoi})
+            raise TokenizerError(
+                f"text contains {len(unknown)} character(s) outside this model's {self.vocab_size}-character "
+                f"vocabulary: {', '.join(repr(c) for c in unknown[:10])}; remove or replace them"
+            ) from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def token_byte_lengths(self) -> torch.Tensor:
+        return torch.tensor([len(ch.encode("utf-8")) for ch in self.chars], dtype=torch.float32)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+class TiktokenTokenizer:
+    kind = "tiktoken"
+
+    def __init__(self, encoding: str, cache_dir: str | None = None) -> None:
+        import tiktoken
+
+        if cache_dir:
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)
+        try:
+            self.enc = tiktoken.get_encoding(encoding)
+        except ValueError as err:  # an unknown encoding name
+            raise TokenizerError(f"tiktoken has no encoding {encoding!r}: {err}") from None
+        except Exception as err:  # no network and no cache: requests/urllib/ssl errors of many kinds
+            where = os.environ.get("TIKTOKEN_CACHE_DIR", "unset")
+            raise TokenizerError(
+                f"could not load the tiktoken encoding {encoding!r} ({type(err).__name__}; "
+                f"TIKTOKEN_CACHE_DIR={where}). Connect to the internet once, or point TIKTOKEN_CACHE_DIR "
+                "(or tokenizer.cache_dir=) at a folder holding tiktoken's cached files"
+            ) from None
+        self.encoding = encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    @property
+    def name(self) -> str:
+        return self.encoding
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
+
+    def token_byte_lengths(self) -> torch.Tensor:
+        return torch.tensor([len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)],
+                            dtype=torch.float32)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "encoding": self.encoding}
+
+
+Tokenizer = CharTokenizer | TiktokenTokenizer
+
+
+def build_tokenizer(cfg: dict[str, Any], corpus: str | None = None) -> Tokenizer:
+    """From the `tokenizer` config group; `char` builds its vocabulary from the corpus text."""
+    kind = cfg["kind"]
+    if kind == "char":
+        if corpus is None:
+            raise TokenizerError("char tokenizer: a corpus is needed to build the vocabulary")
+        return CharTokenizer.from_text(corpus)
+    if kind == "tiktoken":
+        return TiktokenTokenizer(cfg["encoding"], cfg.get("cache_dir"))
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; use 'char' or 'tiktoken'")
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
+    if state.get("kind") == "char":
+        return CharTokenizer(state["chars"])
+    if state.get("kind") == "tiktoken":
+        return TiktokenTokenizer(state["encoding"])
+    raise TokenizerError(f"checkpoint holds an unknown tokenizer state: {state!r}")

@@ -1,0 +1,82 @@
+"""Honest hardware presets: behave like a card of `memory_gb` even on a bigger one.
+
+On CUDA the process is capped to the budget, the largest micro-batch that trains within it is
+found by trying real forward+backward passes, and gradient accumulation keeps the effective
+batch the config asks for. On CPU nothing is capped (and the callback says so).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from efficia.errors import ConfigError
+
+
+def plan_accumulation(batch_size: int, max_micro_batch: int) -> tuple[int, int]:
+    """(micro_batch, accumulate) with micro_batch * accumulate == batch_size exactly and the largest
+    micro_batch <= max_micro_batch that divides batch_size."""
+    if batch_size < 1 or max_micro_batch < 1:
+        raise ConfigError(f"batch sizes must be positive (batch_size={batch_size}, micro={max_micro_batch})")
+    micro = min(batch_size, max_micro_batch)
+    while batch_size % micro:
+        micro -= 1
+    return micro, batch_size // micro
+
+
+def memory_fraction(budget_bytes: int, total_bytes: int) -> float:
+    """Share of the card to allow so the process sees at most `budget_bytes` (all of it if smaller)."""
+    return min(1.0, budget_bytes / total_bytes)
+
+
+class GPUMemoryBudget(Callback):
+    def __init__(self, memory_gb: float, headroom: float) -> None:
+        self.budget = int(memory_gb * 2**30)
+        self.headroom = headroom
+        self.micro_batch: int | None = None
+        self.accumulate: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = trainer.strategy.root_device
+        if device.type != "cuda":
+            rank_zero_info(f"GPUMemoryBudget: no CUDA device ({device}); the {self.budget / 2**30:.0f} GB cap "
+                           "and micro-batch search apply on GPUs only")
+            return
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_fraction(self.budget, total), device)
+        datamodule = trainer.datamodule
+        batch_size, seq_len = datamodule.batch_size, datamodule.seq_len
+        fits = self.largest_fitting_batch(trainer, pl_module, batch_size, seq_len)
+        self.micro_batch, self.accumulate = plan_accumulation(batch_size, fits)
+        datamodule.batch_size = self.micro_batch
+        trainer.accumulate_grad_batches = self.accumulate
+        rank_zero_info(f"GPUMemoryBudget: capped to {self.budget / 2**30:.0f} GB of {total / 2**30:.0f} GB; "
+                       f"micro-batch {self.micro_batch} x {self.accumulate} accumulation = batch {batch_size}")
+
+    def largest_fitting_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_size: int,
+                              seq_len: int) -> int:
+        """Halve from the full batch until a forward+backward (plus optimizer state) fits the budget."""
+        vocab = pl_module.tokenizer.vocab_size
+        # AdamW keeps two fp32 moments per parameter; they exist for the whole run.
+        optimizer_bytes = 2 * sum(p.numel() for p in pl_module.parameters()) * 4
+        candidate = batch_size
+        while candidate >= 1:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                idx = torch.randint(vocab, (candidate, seq_len + 1), device=pl_module.device)
+                with trainer.precision_plugin.forward_context():
+                    losses, _ = pl_module.token_losses((idx[:, :-1], idx[:, 1:]))
+                losses.mean().backward()
+                peak = torch.cuda.max_memory_allocated()
+                if peak + optimizer_bytes <= self.budget * (1 - self.headroom):
+                    return candidate
+            except torch.cuda.OutOfMemoryError:
+                pass
+            finally:
+                pl_module.zero_grad(set_to_none=True)
+            candidate //= 2
+        raise ConfigError(f"even a micro-batch of 1 x {seq_len} tokens does not fit in "
+                          f"{self.budget / 2**30:.0f} GB; use a smaller scale= or data.seq_len=")

@@ -1,0 +1,7 @@
+"""Every architecture, registered by name. Importing this package registers them all."""
+
+from efficia.models import gpt  # noqa: F401  (registers "gpt")
+from efficia.models.blocks import LanguageModel
+from efficia.models.registry import MODELS, build_model, register
+
+__all__ = ["MODELS", "LanguageModel", "build_model", "register"]

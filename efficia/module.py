@@ -1,0 +1,110 @@
+"""The LightningModule: loss, validation metrics and optimizer wiring, the same for every architecture."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import Tensor
+from torchmetrics import MeanMetric, Metric
+
+from efficia.data.tokenizers import tokenizer_from_state
+from efficia.models import build_model
+
+
+class BitsPerByte(Metric):
+    """Summed nats over summed UTF-8 bytes of the targets, in bits: comparable across tokenizers."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nats", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("bytes", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, token_nats: Tensor, token_bytes: Tensor) -> None:
+        self.nats += token_nats.double().sum()
+        self.bytes += token_bytes.double().sum()
+
+    def compute(self) -> Tensor:
+        return self.nats / self.bytes / math.log(2)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to min_lr_ratio at total_steps (held after)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LanguageModule(L.LightningModule):
+    """Wraps any registered architecture. `cfg` is the whole resolved run config (plain types), kept in
+    the checkpoint together with the tokenizer state so a checkpoint alone rebuilds model and tokenizer."""
+
+    def __init__(self, cfg: dict[str, Any], tokenizer_state: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = cfg
+        self.tokenizer = tokenizer_from_state(tokenizer_state)
+        self.net = build_model(cfg["model"], self.tokenizer.vocab_size)
+        self.register_buffer("token_bytes", self.tokenizer.token_byte_lengths(), persistent=False)
+        self.val_loss = MeanMetric()
+        self.val_bpb = BitsPerByte()
+        self.tokens_seen = 0
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.net(idx)
+
+    def token_losses(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        logits = self.net(x)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        return losses, y
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        losses, y = self.token_losses(batch)
+        loss = losses.mean()
+        self.tokens_seen += y.numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float(self.tokens_seen))
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        losses, y = self.token_losses(batch)
+        self.val_loss.update(losses)
+        self.val_bpb.update(losses, self.token_bytes[y])
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp(), "val/bpb": self.val_bpb.compute()},
+                      prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+        self.val_bpb.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Weight decay on matrices (dim >= 2) only; biases, norms and gains are not decayed."""
+        opt_cfg = dict(self.cfg["optimizer"])
+        weight_decay = opt_cfg.get("weight_decay", 0.0)
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = instantiate(opt_cfg, groups)
+        sched = self.cfg["scheduler"]
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, sched["warmup_steps"], total, sched["min_lr_ratio"])
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)

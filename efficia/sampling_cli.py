@@ -1,0 +1,43 @@
+"""What `python sample.py` does, importable so tests drive it in-process."""
+
+from __future__ import annotations
+
+import sys
+
+from omegaconf import DictConfig
+
+from efficia.checkpoint import SAMPLING_KEYS, LoadedModel, load
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def sample_once(model: LoadedModel, prompt: str, cfg: DictConfig) -> list[str]:
+    options = {k: cfg.get(k) for k in SAMPLING_KEYS}
+    if cfg.num_samples == 1:  # stream the single sample as it is generated
+        write(prompt)
+        texts = model.generate(prompt, num_samples=1, seed=cfg.seed, on_text=write, **options)
+        write("\n")
+        return texts
+    texts = model.generate(prompt, num_samples=cfg.num_samples, seed=cfg.seed, **options)
+    for i, text in enumerate(texts):
+        write(f"--- sample {i + 1}/{len(texts)} ---\n{text}\n")
+    return texts
+
+
+def sample(cfg: DictConfig) -> list[str]:
+    model = load(cfg.ckpt, device=cfg.device)
+    if not cfg.interactive:
+        return sample_once(model, str(cfg.prompt), cfg)
+    texts: list[str] = []
+    while True:
+        try:
+            prompt = input("prompt> ")
+        except EOFError:
+            break
+        if not prompt:
+            break
+        texts += sample_once(model, prompt, cfg)
+    return texts

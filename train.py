@@ -1,0 +1,20 @@
+"""Train any registered model: `python train.py [model=gpt] [scale=small] [trainer=cpu] ...`.
+
+`python train.py --help` lists the config groups; `-m` sweeps (one W&B run per job).
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from efficia.training import run_cli, train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    result = run_cli(train, cfg)
+    value = result["metrics"].get(cfg.optimized_metric)
+    return value
+
+
+if __name__ == "__main__":
+    main()
