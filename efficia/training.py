@@ -13,6 +13,7 @@ import lightning as L
 import rich
 import rich.syntax
 import rich.tree
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -86,6 +87,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     finally:
         finish_wandb(loggers)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the next run in this process starts clean
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {"metrics": metrics, "params": n_params, "global_step": trainer.global_step,
               **artifacts(trainer, cfg, loggers)}

@@ -117,7 +117,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             hint = f"{DATA_ENV}={env_dir} has no tinyshakespeare/{self.filename}" if env_dir else f"{DATA_ENV} is unset"
             raise DataError(
                 f"cannot download tiny Shakespeare from {self.url} ({err}); {hint}. Offline, pass "
-                f"data.path=/path/to/{self.filename} or set {DATA_ENV} to a folder holding tinyshakespeare/{self.filename}"
+                f"data.path=/path/to/{self.filename} or set {DATA_ENV} to a folder holding "
+                f"tinyshakespeare/{self.filename}"
             ) from None
         digest = hashlib.sha256(data).hexdigest()
         if digest != self.sha256:

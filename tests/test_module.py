@@ -1,0 +1,67 @@
+"""LanguageModule pieces: schedule, decay groups, bits per byte, hardware arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from efficia.errors import ConfigError
+from efficia.hardware import memory_fraction, plan_accumulation
+from efficia.module import BitsPerByte, LanguageModule, warmup_cosine
+
+
+def test_warmup_then_cosine_to_the_floor() -> None:
+    lr = [warmup_cosine(s, warmup_steps=10, total_steps=110, min_lr_ratio=0.1) for s in range(130)]
+    assert lr[0] == pytest.approx(1 / 11) and lr[9] == pytest.approx(10 / 11)
+    assert lr[10] == pytest.approx(1.0)
+    assert lr[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert lr[110] == pytest.approx(0.1) and lr[129] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:], strict=False))
+
+
+def test_bits_per_byte_weighs_by_target_bytes() -> None:
+    metric = BitsPerByte()
+    metric.update(torch.tensor([math.log(2), math.log(2)]), torch.tensor([1.0, 3.0]))
+    metric.update(torch.tensor([2 * math.log(2)]), torch.tensor([4.0]))
+    assert metric.compute().item() == pytest.approx(4 / 8)  # 4 bits over 8 bytes
+
+
+def tiny_module(optimizer: dict) -> LanguageModule:
+    cfg = {"model": dict(name="gpt", d_model=16, n_layer=1, n_head=2, max_seq_len=8, dropout=0.0, bias=True,
+                         pos_emb="learned", gradient_checkpointing=False),
+           "optimizer": optimizer, "scheduler": {"warmup_steps": 2, "min_lr_ratio": 0.1}}
+    return LanguageModule(cfg, {"kind": "char", "chars": "abcdef"})
+
+
+@pytest.mark.parametrize("target", ["torch.optim.AdamW", "torch.optim.Adafactor"])
+def test_decay_only_matrices(target: str) -> None:
+    module = tiny_module({"_target_": target, "lr": 1e-3, "weight_decay": 0.1})
+    module.trainer = type("T", (), {"estimated_stepping_batches": 100})()
+    opt = module.configure_optimizers()["optimizer"]
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == module.net.num_params()  # the tied embedding counted once
+
+
+@pytest.mark.parametrize(("batch", "fits", "expected"), [
+    (8, 8, (8, 1)), (8, 100, (8, 1)), (8, 3, (2, 4)), (12, 5, (4, 3)), (7, 3, (1, 7)), (64, 16, (16, 4)),
+])
+def test_accumulation_keeps_the_effective_batch(batch: int, fits: int, expected: tuple[int, int]) -> None:
+    micro, accumulate = plan_accumulation(batch, fits)
+    assert (micro, accumulate) == expected and micro * accumulate == batch and micro <= fits
+
+
+def test_accumulation_rejects_nonsense() -> None:
+    with pytest.raises(ConfigError, match="positive"):
+        plan_accumulation(0, 4)
+
+
+def test_memory_fraction_caps_a_bigger_card_only() -> None:
+    gib = 2**30
+    assert memory_fraction(12 * gib, 80 * gib) == pytest.approx(0.15)
+    assert memory_fraction(12 * gib, 12 * gib) == 1.0
+    assert memory_fraction(24 * gib, 12 * gib) == 1.0

@@ -1,0 +1,198 @@
+"""Real Hydra composition and real Lightning runs: every config option, learning, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import efficia
+from efficia.sampling_cli import sample
+from efficia.training import train
+from tests.conftest import CONF, ROOT, require_data
+
+FAST = ["debug=fast_dev_run", "logger=csv"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def run_fast(make_cfg, *overrides: str) -> dict:
+    require_data()
+    cfg = make_cfg(*FAST, *overrides)
+    return train(cfg)
+
+
+# -- every yaml in conf/ composes and runs fast_dev_run -----------------------------------------
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_runs_fast_dev_run(make_cfg, model: str) -> None:
+    result = run_fast(make_cfg, f"model={model}")
+    assert result["global_step"] == 1 and math.isfinite(result["metrics"]["train/loss"])
+
+
+@pytest.mark.parametrize("scale", options("scale"))
+def test_every_scale_composes_and_runs(make_cfg, scale: str) -> None:
+    """fast_dev_run selects scale=tiny, so the scale under test is applied after it on the command line."""
+    cfg = make_cfg(*FAST, f"scale={scale}")
+    sizes = OmegaConf.load(CONF / "scale" / f"{scale}.yaml") or {}
+    assert cfg.model.d_model == sizes.get("d_model", OmegaConf.load(CONF / "model" / "gpt.yaml").d_model)
+    if scale != "seed":  # the seed sizes of every model run in the per-model benches, not here
+        require_data()
+        assert train(cfg)["global_step"] == 1
+
+
+@pytest.mark.parametrize("trainer", [t for t in options("trainer") if t != "ddp_cpu"])
+def test_every_trainer_preset_runs_on_cpu(make_cfg, trainer: str) -> None:
+    result = run_fast(make_cfg, f"trainer={trainer}")
+    assert result["global_step"] == 1
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_every_logger_runs(make_cfg, logger: str) -> None:
+    require_data()
+    cfg = make_cfg("debug=limit", f"logger={logger}", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                   "trainer.log_every_n_steps=1")
+    result = train(cfg)
+    assert result["log_dirs"], f"logger={logger} wrote nothing"
+    out = Path(cfg.output_dir)
+    if logger == "wandb":  # no login here: offline, with the sync command printed
+        assert result["wandb_offline_dirs"] and list(out.glob("wandb/offline-run-*"))
+    if logger == "csv":
+        metrics = (out / "csv" / "metrics.csv").read_text()
+        for key in ("train/loss", "val/loss", "val/ppl", "val/bpb", "train/tokens", "lr-AdamW", "tok/s"):
+            assert key in metrics
+    if logger == "tensorboard":
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("group", ["tokenizer", "optimizer", "experiment", "debug", "callbacks", "data"])
+def test_every_other_option_runs(make_cfg, group: str) -> None:
+    for option in options(group):
+        extra = [] if group == "debug" else ["debug=fast_dev_run"]
+        if group == "debug" and option == "overfit":
+            extra = ["trainer.max_steps=3", "trainer.val_check_interval=3"]
+        require_data()
+        result = train(make_cfg(f"{group}={option}", *extra, "logger=csv"))
+        assert result["global_step"] >= 1, f"{group}={option}"
+
+
+def test_rtx_presets_budget_their_card(make_cfg) -> None:
+    for preset, gb in (("rtx3060", 12), ("rtx4090", 24)):
+        cfg = make_cfg(f"trainer={preset}")
+        assert cfg.callbacks.gpu_budget.memory_gb == gb
+        assert cfg.trainer.precision == "bf16-mixed"
+    assert "gpu_budget" not in make_cfg("trainer=cpu").callbacks
+
+
+# -- learning, checkpoints, sampling --------------------------------------------------------------
+
+def unigram_entropy(tokens: torch.Tensor) -> float:
+    counts = torch.tensor(list(Counter(tokens.tolist()).values()), dtype=torch.float64)
+    p = counts / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def test_tiny_gpt_learns_and_its_checkpoint_samples(make_cfg, capsys) -> None:
+    require_data()
+    cfg = make_cfg("scale=tiny", "model.max_seq_len=64", "logger=csv", "trainer.max_steps=300",
+                   "trainer.val_check_interval=150", "data.batch_size=16", "optimizer.lr=3e-3",
+                   "scheduler.warmup_steps=20")
+    result = train(cfg)
+    dm = instantiate(cfg.data, tokenizer={"kind": "char"})  # the same data the run used
+    dm.prepare()
+    h_unigram = unigram_entropy(dm.val_tokens)  # about 3.3 nats for Shakespeare's characters
+    assert result["metrics"]["val/loss"] < h_unigram - 0.5, (result["metrics"], h_unigram)
+    assert result["metrics"]["val/bpb"] == pytest.approx(result["metrics"]["val/loss"] / math.log(2), rel=1e-4)
+    assert Path(result["loss_curve"]).stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert f"sample: python sample.py ckpt={result['best_ckpt']}" in out
+
+    # the checkpoint alone rebuilds model + tokenizer, loading with weights_only
+    model = efficia.load(result["last_ckpt"])
+    texts = model.generate("ROMEO:", num_samples=3, seed=0, max_new_tokens=40, temperature=0.8)
+    assert len(texts) == 3 and all(t.startswith("ROMEO:") and len(t) == 46 for t in texts)
+    assert model.generate("ROMEO:", seed=1, max_new_tokens=20) == model.generate("ROMEO:", seed=1, max_new_tokens=20)
+
+    sample_cfg = make_cfg(f"ckpt={result['last_ckpt']}", "prompt=ROMEO:", "max_new_tokens=30", "seed=0",
+                          config_name="sample")
+    streamed = sample(sample_cfg)
+    printed = capsys.readouterr().out
+    assert printed.strip() == streamed[0].strip() and len(streamed[0]) == 36
+
+
+def test_resume_continues_step_count_and_schedule(make_cfg) -> None:
+    require_data()
+    common = ["debug=limit", "logger=csv", "trainer.val_check_interval=5", "scheduler.warmup_steps=2"]
+    first = train(make_cfg(*common, "trainer.max_steps=10"))
+    ckpt = torch.load(first["last_ckpt"], weights_only=True)
+    assert ckpt["global_step"] == 10 and ckpt["tokens_seen"] == 10 * 12 * 32
+    resumed = train(make_cfg(*common, "trainer.max_steps=15", f"ckpt_path={first['last_ckpt']}"))
+    assert resumed["global_step"] == 15
+    after = torch.load(resumed["last_ckpt"], weights_only=True)
+    assert after["tokens_seen"] == 15 * 12 * 32
+    assert after["lr_schedulers"][0]["last_epoch"] == 15
+
+
+def test_no_half_written_checkpoints(make_cfg) -> None:
+    require_data()
+    result = train(make_cfg("debug=limit", "logger=csv"))
+    files = sorted(p.name for p in Path(result["last_ckpt"]).parent.iterdir())
+    assert "last.ckpt" in files and all(f.endswith(".ckpt") for f in files), files
+
+
+# -- the command line, as a user runs it ----------------------------------------------------------
+
+def cli(*args: str, cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
+    launcher_vars = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars} | {"PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_the_config_groups() -> None:
+    out = cli("train.py", "--help").stdout
+    for group in ("model", "scale", "data", "tokenizer", "trainer", "optimizer", "logger", "callbacks",
+                  "experiment", "debug"):
+        assert f"{group}: " in out, group
+
+
+def test_unknown_group_value_fails_with_hydras_message() -> None:
+    proc = cli("train.py", "model=nope")
+    assert proc.returncode != 0
+    assert "Could not find 'model/nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_data_is_one_clear_line(tmp_path: Path) -> None:
+    proc = cli("train.py", f"data.path={tmp_path}/nothing.txt", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data.path=")
+    assert "Traceback" not in proc.stderr
+
+
+def test_sample_cli_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    for ckpt, message in ((tmp_path / "missing.ckpt", "does not exist"), (bad, "not a readable checkpoint")):
+        proc = cli("sample.py", f"ckpt={ckpt}")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().startswith("error:") and message in proc.stderr
+
+
+def test_ddp_cpu_trains_with_two_processes(tmp_path: Path) -> None:
+    require_data()
+    proc = cli("train.py", "trainer=ddp_cpu", "scale=tiny", "logger=csv", "trainer.max_steps=6",
+               "trainer.val_check_interval=3", "trainer.limit_val_batches=2", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: 6 steps" in proc.stdout
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["tokens_seen"] == 6 * 12 * 32 * 2  # both processes' tokens are counted
