@@ -196,3 +196,13 @@ def test_ddp_cpu_trains_with_two_processes(tmp_path: Path) -> None:
     assert "done: 6 steps" in proc.stdout
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["tokens_seen"] == 6 * 12 * 32 * 2  # both processes' tokens are counted
+
+
+def test_multirun_sweep_gives_each_job_its_own_wandb_run(tmp_path: Path) -> None:
+    require_data()
+    proc = cli("train.py", "-m", "hparams_search=lr", "debug=limit", "logger=wandb", "trainer.max_steps=2",
+               "trainer.val_check_interval=2", "trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(tmp_path.glob("*/wandb/offline-run-*"))
+    assert len(runs) == 3 and len({r.name for r in runs}) == 3, runs
+    assert proc.stdout.count("wandb sync ") >= 3
