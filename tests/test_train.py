@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import efficia
+from efficia.errors import TokenizerError
 from efficia.sampling_cli import sample
 from efficia.training import train
 from tests.conftest import CONF, ROOT, require_data
@@ -128,6 +129,10 @@ def test_tiny_gpt_learns_and_its_checkpoint_samples(make_cfg, capsys) -> None:
     streamed = sample(sample_cfg)
     printed = capsys.readouterr().out
     assert printed.strip() == streamed[0].strip() and len(streamed[0]) == 36
+
+    outside = make_cfg(f"ckpt={result['last_ckpt']}", "prompt='ROMEO ☃:'", config_name="sample")
+    with pytest.raises(TokenizerError, match="outside this model's 65-character vocabulary: '☃'"):
+        sample(outside)
 
 
 def test_resume_continues_step_count_and_schedule(make_cfg) -> None:
