@@ -1,6 +1,9 @@
 """Every architecture, registered by name. Importing this package registers them all."""
 
-from efficia.models import gpt  # noqa: F401  (registers "gpt")
+from efficia.models import (
+    gpt,  # noqa: F401  (registers "gpt")
+    yinggem,  # noqa: F401  (registers "yinggem")
+)
 from efficia.models.blocks import LanguageModel
 from efficia.models.registry import MODELS, build_model, register
 

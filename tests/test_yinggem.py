@@ -1,0 +1,264 @@
+"""YingGem-specific tests: banded attention against a dense reference, the rolling KV cache, flags.
+
+The generic causality / cache-equals-forward tests over the whole registry live elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from efficia.models import build_model
+from efficia.models import yinggem as yg
+
+WINDOW = 8
+TINY = dict(name="yinggem", d_model=32, n_layer=2, n_head=2, max_seq_len=16, dropout=0.0, window=WINDOW,
+            ffn_hidden=48, rope_theta=10000.0, norm_eps=1e-6, bias=True, gradient_checkpointing=False)
+VOCAB = 61
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than they save (and a busy machine makes them slow)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def dense_band_attention(q, k, v, window, dropout=0.0):
+    """Reference: explicit [Tq, Tk] band mask, queries bottom-right aligned, plain softmax."""
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    q_pos = torch.arange(k_len - q_len, k_len)[:, None]
+    distance = q_pos - torch.arange(k_len)[None, :]
+    allowed = (distance >= 0) & (distance < window)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+def tiny_model(seed: int = 0, **overrides) -> yg.YingGem:
+    torch.manual_seed(seed)
+    model = build_model({**TINY, **overrides}, VOCAB)
+    return model.eval()
+
+
+def reference_logits(model, idx, monkeypatch):
+    """Full forward with the attention swapped for the dense reference (the ground truth)."""
+    with monkeypatch.context() as m:
+        m.setattr(yg, "sliding_window_attention", dense_band_attention)
+        with torch.no_grad():
+            return model(idx)
+
+
+# --- (a) the fast path equals the dense reference ------------------------------------------------
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1, 1), (5, 5), (8, 8), (9, 9), (16, 16), (21, 21), (37, 37),
+                                         (1, 8), (3, 10), (5, 12), (9, 16), (4, 30), (17, 30), (24, 31)])
+def test_banded_attention_matches_dense_forward_and_grad(q_len, k_len):
+    torch.manual_seed(q_len * 100 + k_len)
+    q = torch.randn(2, 3, q_len, 16, requires_grad=True)
+    k = torch.randn(2, 3, k_len, 16, requires_grad=True)
+    v = torch.randn(2, 3, k_len, 16, requires_grad=True)
+    grad_out = torch.randn(2, 3, q_len, 16)
+    out = yg.sliding_window_attention(q, k, v, WINDOW)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = dense_band_attention(q, k, v, WINDOW)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 3, 16])
+def test_banded_attention_other_windows(window):
+    torch.manual_seed(window)
+    q, k, v = (torch.randn(1, 2, 41, 8) for _ in range(3))
+    torch.testing.assert_close(yg.sliding_window_attention(q, k, v, window),
+                               dense_band_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
+
+
+def test_banded_attention_is_not_full_causal():
+    """The reference really is a band: a full causal attention must differ (the seed's leak class)."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert not torch.allclose(yg.sliding_window_attention(q, k, v, WINDOW), full, atol=1e-3)
+
+
+def test_chunked_path_never_builds_a_long_score_matrix(monkeypatch):
+    """O(T·window): no SDPA call in the training path sees more than 2·window keys."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(k.shape[-2])
+        mask = kwargs.get("attn_mask")
+        assert mask is None or mask.numel() <= WINDOW * 2 * WINDOW
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q, k, v = (torch.randn(1, 2, 200, 8) for _ in range(3))
+    yg.sliding_window_attention(q, k, v, WINDOW)
+    assert seen and max(seen) <= 2 * WINDOW
+
+
+def test_training_after_inference_mode_call():
+    """Masks cached under inference_mode (e.g. a validation sanity check) must not break training."""
+    q, k, v = (torch.randn(1, 2, 3 * WINDOW + 1, 8, requires_grad=True) for _ in range(3))
+    with torch.inference_mode():
+        yg.sliding_window_attention(q.detach(), k.detach(), v.detach(), WINDOW)
+    yg.sliding_window_attention(q, k, v, WINDOW).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_flex_path_matches_dense_inference():
+    """The CUDA FlexAttention path's block mask, checked on CPU in inference (eager flex)."""
+    if yg.flex_attention is None:
+        pytest.skip("FlexAttention not available in this torch")
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    with torch.no_grad():
+        out = yg.flex_sliding_window_attention(q, k, v, WINDOW, compiled=False)
+    torch.testing.assert_close(out, dense_band_attention(q, k, v, WINDOW), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [5, WINDOW, 21])
+def test_model_forward_matches_dense_reference(T, monkeypatch):
+    model = tiny_model()
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        out = model(idx)
+    torch.testing.assert_close(out, reference_logits(model, idx, monkeypatch), atol=1e-5, rtol=1e-5)
+
+
+def test_receptive_field_is_bounded_by_the_window():
+    """Through n_layer layers a token reaches at most n_layer·(window-1) positions ahead."""
+    model = tiny_model()
+    idx = torch.randint(0, VOCAB, (1, 30))
+    changed = idx.clone()
+    changed[0, 0] = (idx[0, 0] + 1) % VOCAB
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    reach = TINY["n_layer"] * (WINDOW - 1)
+    assert not torch.allclose(a[0, reach], b[0, reach])  # still reachable
+    torch.testing.assert_close(a[0, reach + 1:], b[0, reach + 1:], atol=0, rtol=0)
+
+
+# --- (b) rolling-cache decoding equals the full forward ------------------------------------------
+
+
+def decode(model, idx, chunks):
+    cache = model.new_cache(idx.shape[0])
+    outs, start = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            outs.append(model(idx[:, start:start + n], cache=cache))
+            start += n
+    assert start == idx.shape[1] and cache.pos == start
+    return torch.cat(outs, dim=1), cache
+
+
+def test_decode_one_token_at_a_time_for_three_windows(monkeypatch):
+    model = tiny_model()
+    T = 3 * WINDOW  # also past max_seq_len (16)
+    idx = torch.randint(0, VOCAB, (2, T))
+    out, _ = decode(model, idx, [1] * T)
+    torch.testing.assert_close(out, reference_logits(model, idx, monkeypatch), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunks", [[13] + [1] * 11, [WINDOW] + [1] * 8, [5, 3, 11, 1, 1, 2, 9],
+                                    [1, 1, 20, 1], [30]])
+def test_prefill_and_chunked_cached_calls(chunks, monkeypatch):
+    model = tiny_model(seed=3)
+    idx = torch.randint(0, VOCAB, (2, sum(chunks)))
+    out, _ = decode(model, idx, chunks)
+    torch.testing.assert_close(out, reference_logits(model, idx, monkeypatch), atol=1e-4, rtol=1e-4)
+
+
+def test_decoding_far_beyond_max_seq_len(monkeypatch):
+    """Positions are absolute and unbounded: decode past 4·max_seq_len, compare the tail."""
+    model = tiny_model(seed=4)
+    assert model.max_context is None
+    T = 4 * TINY["max_seq_len"] + 5
+    idx = torch.randint(0, VOCAB, (1, T))
+    out, cache = decode(model, idx, [20] + [1] * (T - 20))
+    assert cache.pos == T
+    ref = reference_logits(model, idx, monkeypatch)
+    torch.testing.assert_close(out[:, -WINDOW:], ref[:, -WINDOW:], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(out).all()
+
+
+# --- (c) constant cache memory -------------------------------------------------------------------
+
+
+def test_cache_memory_is_constant():
+    model = tiny_model()
+    cache = model.new_cache(2)
+    tensors = lambda: [cache.k, cache.v]
+    size = lambda: sum(t.numel() * t.element_size() for t in tensors())
+    before, ptrs = size(), [t.data_ptr() for t in tensors()]
+    assert before == 2 * model.cache_bytes(10**6) == 2 * model.cache_bytes(WINDOW)  # per sequence
+    assert model.cache_bytes(3) == 3 * model.cache_bytes(1)
+    idx = torch.randint(0, VOCAB, (2, 3 * WINDOW))
+    with torch.no_grad():
+        model(idx[:, :5], cache=cache)
+        for t in range(5, 3 * WINDOW):
+            model(idx[:, t:t + 1], cache=cache)
+            assert size() == before
+    assert [t.data_ptr() for t in tensors()] == ptrs
+    assert cache.k.shape[-2] == WINDOW
+
+
+def test_cache_batch_size_is_checked():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="batch size"):
+        model(torch.zeros(3, 1, dtype=torch.long), cache=model.new_cache(2))
+
+
+# --- (d) flags -----------------------------------------------------------------------------------
+
+
+def test_bias_flag():
+    with_bias, without = tiny_model(bias=True), tiny_model(bias=False)
+    d = TINY["d_model"]
+    assert with_bias.num_params() - without.num_params() == TINY["n_layer"] * 4 * d
+    assert all(m.bias is None for m in without.modules() if isinstance(m, torch.nn.Linear))
+    idx = torch.randint(0, VOCAB, (1, 20))
+    assert torch.isfinite(without(idx)).all()
+
+
+def loss_and_grads(model, idx):
+    model.train()
+    logits = model(idx[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    idx = torch.randint(0, VOCAB, (2, 21))
+    plain = tiny_model(seed=5)
+    ckpt = tiny_model(seed=5, gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    loss_a, grads_a = loss_and_grads(plain, idx)
+    loss_b, grads_b = loss_and_grads(ckpt, idx)
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert any(g.abs().sum() > 0 for g in grads_a.values())
+
+
+def test_seed_size_parameter_count():
+    """Seed sizes with GPT-2 vocab: about 134M (untied head). Built on the meta device: no memory."""
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf/model/yinggem.yaml"))
+    with torch.device("meta"):
+        model = build_model(cfg, 50257)
+    assert 133e6 < model.num_params() < 135e6
+    assert model.cache_bytes(10**6) == 2 * 12 * 768 * 512 * 4
