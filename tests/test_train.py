@@ -211,3 +211,19 @@ def test_multirun_sweep_gives_each_job_its_own_wandb_run(tmp_path: Path) -> None
     runs = sorted(tmp_path.glob("*/wandb/offline-run-*"))
     assert len(runs) == 3 and len({r.name for r in runs}) == 3, runs
     assert proc.stdout.count("wandb sync ") >= 3
+
+
+def test_yinggem_on_a_3060_preset_composes_and_runs_on_cpu(make_cfg) -> None:
+    cfg = make_cfg("model=yinggem", "trainer=rtx3060", *FAST)
+    assert cfg.callbacks.gpu_budget.memory_gb == 12 and cfg.model.name == "yinggem"
+    assert train(cfg)["global_step"] == 1
+
+
+def test_yinggem_experiment_is_the_seed_recipe(make_cfg) -> None:
+    cfg = make_cfg("experiment=yinggem_shakespeare")
+    assert (cfg.model.name, cfg.model.d_model, cfg.model.n_layer, cfg.model.window) == ("yinggem", 768, 12, 512)
+    assert (cfg.data.seq_len, cfg.data.batch_size, cfg.tokenizer.encoding) == (1024, 8, "gpt2")
+    assert cfg.optimizer._target_ == "torch.optim.Adafactor" and cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.callbacks.early_stopping.patience == 3
+    assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.repetition_penalty) == (0.9, 0.85, 1.2)
+    assert make_cfg("experiment=yinggem_shakespeare", "trainer=rtx3060").trainer.precision == "bf16-mixed"

@@ -262,3 +262,11 @@ def test_seed_size_parameter_count():
         model = build_model(cfg, 50257)
     assert 133e6 < model.num_params() < 135e6
     assert model.cache_bytes(10**6) == 2 * 12 * 768 * 512 * 4
+
+
+def test_seed_size_parameter_count_matches_the_seed() -> None:
+    """The seed README states about 133.96M parameters with the GPT-2 vocabulary."""
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "yinggem.yaml"))
+    with torch.device("meta"):
+        model = build_model(cfg, 50257)
+    assert abs(model.num_params() / 133.96e6 - 1) < 0.005, model.num_params()
