@@ -8,6 +8,7 @@ cache_bytes, absolute positions).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ class GatedFeedForward(nn.Module):
         self.gate = nn.Linear(dim, hidden, bias=bias)
         self.up = nn.Linear(dim, hidden, bias=bias)
         self.down = nn.Linear(hidden, dim, bias=bias)
+        self.down.is_residual_proj = True
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,6 +105,46 @@ def attend(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q_len, k_len, q.device),
                                           dropout_p=dropout)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: fused q/k/v, optional RoPE, any cache with `append(layer, k, v)`,
+    and a pluggable kernel `kernel(q, k, v, dropout=...)` (full causal, sliding window, ...)."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool, rotary: bool,
+                 kernel: Callable[..., Tensor] = attend) -> None:
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.proj.is_residual_proj = True
+        self.rotary, self.kernel, self.dropout = rotary, kernel, dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, layer: int, rope: tuple[Tensor, Tensor] | None, cache=None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rotary:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # keys are cached already rotated
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache keeps the parameter dtype under autocast
+        y = self.kernel(q, k, v, dropout=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class PreNormBlock(nn.Module):
+    """x + attn(norm1(x)), then + ffn(norm2(x)): the residual block every decoder here uses."""
+
+    def __init__(self, norm1: nn.Module, attn: nn.Module, norm2: nn.Module, ffn: nn.Module) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.ffn = norm1, attn, norm2, ffn
+
+    def forward(self, x: Tensor, layer: int, rope: tuple[Tensor, Tensor] | None = None, cache=None) -> Tensor:
+        x = x + self.attn(self.norm1(x), layer, rope, cache)
+        return x + self.ffn(self.norm2(x))
 
 
 class KVCache:

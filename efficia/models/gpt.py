@@ -13,38 +13,13 @@ from torch import Tensor, nn
 from efficia.models.blocks import (
     KVCache,
     LanguageModel,
+    PreNormBlock,
     RotaryEmbedding,
-    apply_rope,
-    attend,
+    SelfAttention,
     init_weights,
     run_blocks,
 )
 from efficia.models.registry import register
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool, rotary: bool) -> None:
-        super().__init__()
-        if d_model % n_head:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
-        self.n_head, self.head_dim = n_head, d_model // n_head
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
-        self.proj.is_residual_proj = True
-        self.dropout = dropout
-        self.rotary = rotary
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, layer: int, rope: tuple[Tensor, Tensor] | None,
-                cache: KVCache | None) -> Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.rotary:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.append(layer, k, v)
-        y = attend(q, k, v, dropout=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
@@ -59,18 +34,9 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
-class Block(nn.Module):
-    def __init__(self, d_model: int, n_head: int, dropout: float, bias: bool, rotary: bool) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d_model, bias=bias)
-        self.attn = CausalSelfAttention(d_model, n_head, dropout, bias, rotary)
-        self.norm2 = nn.LayerNorm(d_model, bias=bias)
-        self.mlp = MLP(d_model, dropout, bias)
-
-    def forward(self, x: Tensor, layer: int, rope: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), layer, rope, cache)
-        return x + self.mlp(self.norm2(x))
+def block(d_model: int, n_head: int, dropout: float, bias: bool, rotary: bool) -> PreNormBlock:
+    return PreNormBlock(nn.LayerNorm(d_model, bias=bias), SelfAttention(d_model, n_head, dropout, bias, rotary),
+                        nn.LayerNorm(d_model, bias=bias), MLP(d_model, dropout, bias))
 
 
 @register("gpt")
@@ -88,7 +54,7 @@ class GPT(LanguageModel):
         self.rope = RotaryEmbedding(self.head_dim) if pos_emb == "rope" else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_head, dropout, bias, rotary=pos_emb == "rope") for _ in range(n_layer)
+            block(d_model, n_head, dropout, bias, rotary=pos_emb == "rope") for _ in range(n_layer)
         )
         self.norm = nn.LayerNorm(d_model, bias=bias)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)

@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from efficia.models.blocks import (
     GeGLU,
     LanguageModel,
+    PreNormBlock,
     RMSNorm,
     RotaryEmbedding,
-    apply_rope,
+    SelfAttention,
     attend,
     init_weights,
     run_blocks,
@@ -154,7 +155,7 @@ class RollingKVCache:
     """The keys/values of the last `window` positions of every layer, in a ring (slot = position %
     window), plus `pos`, the absolute position of the next token. Its size never grows.
 
-    `update` stores a layer's new keys and returns what the new queries attend over; the model calls
+    `append` stores a layer's new keys and returns what the new queries attend over; the model calls
     `advance` once after all layers have run.
     """
 
@@ -167,7 +168,7 @@ class RollingKVCache:
         self.batch_size = batch_size
         self.pos = 0
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k,v[B,H,T,D] at positions pos .. pos+T-1 and return the context keys/values.
 
         T == 1: the filled ring slots (order does not matter: all of them are inside the band).
@@ -196,44 +197,12 @@ class RollingKVCache:
         self.pos += n
 
 
-class SlidingWindowAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, window: int, dropout: float, bias: bool) -> None:
-        super().__init__()
-        if d_model % n_head:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
-        self.n_head, self.head_dim, self.window = n_head, d_model // n_head, window
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)  # q, k, v projections, fused
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
-        self.proj.is_residual_proj = True
-        self.dropout = dropout
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, layer: int, rope: tuple[Tensor, Tensor],
-                cache: RollingKVCache | None) -> Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # keys are cached already rotated
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        y = sliding_window_attention(q, k, v, self.window, dropout=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-
-
-class Block(nn.Module):
-    def __init__(self, d_model: int, n_head: int, window: int, ffn_hidden: int, dropout: float,
-                 bias: bool, norm_eps: float) -> None:
-        super().__init__()
-        self.norm1 = RMSNorm(d_model, eps=norm_eps)
-        self.attn = SlidingWindowAttention(d_model, n_head, window, dropout, bias)
-        self.norm2 = RMSNorm(d_model, eps=norm_eps)
-        self.ffn = GeGLU(d_model, ffn_hidden, dropout=dropout)
-        self.ffn.down.is_residual_proj = True
-
-    def forward(self, x: Tensor, layer: int, rope: tuple[Tensor, Tensor],
-                cache: RollingKVCache | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), layer, rope, cache)
-        return x + self.ffn(self.norm2(x))
+def block(d_model: int, n_head: int, window: int, ffn_hidden: int, dropout: float, bias: bool,
+          norm_eps: float) -> PreNormBlock:
+    attention = SelfAttention(d_model, n_head, dropout, bias, rotary=True,
+                              kernel=functools.partial(sliding_window_attention, window=window))
+    return PreNormBlock(RMSNorm(d_model, eps=norm_eps), attention, RMSNorm(d_model, eps=norm_eps),
+                        GeGLU(d_model, ffn_hidden, dropout=dropout))
 
 
 @register("yinggem")
@@ -259,7 +228,7 @@ class YingGem(LanguageModel):
         self.rope = RotaryEmbedding(self.head_dim, theta=rope_theta)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_head, window, ffn_hidden, dropout, bias, norm_eps) for _ in range(n_layer)
+            block(d_model, n_head, window, ffn_hidden, dropout, bias, norm_eps) for _ in range(n_layer)
         )
         self.norm = RMSNorm(d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)  # untied
