@@ -20,7 +20,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from efficia.errors import EfficiaError
+from efficia.checkpoint import read_checkpoint
+from efficia.errors import CheckpointError, EfficiaError
 from efficia.module import LanguageModule
 
 
@@ -75,6 +76,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, tokenizer=OmegaConf.to_container(cfg.tokenizer, resolve=True))
     datamodule.prepare()
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("ckpt_path"):
+        check_resumable(cfg.ckpt_path, plain_cfg["model"])
     module = LanguageModule(plain_cfg, datamodule.tokenizer.state())
     n_params = module.net.num_params()
     rank_zero_only(print)(f"model={cfg.model.name}: {n_params:,} parameters ({n_params / 1e6:.2f}M); "
@@ -94,6 +97,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
               **artifacts(trainer, cfg, loggers)}
     report(result, cfg)
     return result
+
+
+def check_resumable(ckpt_path: str, model_cfg: dict[str, Any]) -> None:
+    """Resuming needs the same architecture and sizes; say which differ instead of a state-dict trace."""
+    saved = read_checkpoint(ckpt_path)["hyper_parameters"]["cfg"]["model"]
+    differ = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
+    if differ:
+        detail = ", ".join(f"{k}={saved.get(k)!r} there vs {model_cfg.get(k)!r} here" for k in differ)
+        raise CheckpointError(f"ckpt_path={ckpt_path} holds a different model ({detail}); "
+                              "resume with the overrides it was trained with")
 
 
 def finish_wandb(loggers: list) -> None:

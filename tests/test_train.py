@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import efficia
-from efficia.errors import TokenizerError
+from efficia.errors import CheckpointError, TokenizerError
 from efficia.sampling_cli import sample
 from efficia.training import train
 from tests.conftest import CONF, ROOT, require_data
@@ -130,6 +130,11 @@ def test_tiny_gpt_learns_and_its_checkpoint_samples(make_cfg, capsys) -> None:
     printed = capsys.readouterr().out
     assert printed.strip() == streamed[0].strip() and len(streamed[0]) == 36
 
+    proc = cli("sample.py", f"ckpt={result['last_ckpt']}", "interactive=true", "max_new_tokens=10", "seed=0",
+               stdin="ROMEO:\nJULIET:\n\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("prompt> ") == 3 and "ROMEO:" in proc.stdout and "JULIET:" in proc.stdout
+
     outside = make_cfg(f"ckpt={result['last_ckpt']}", "prompt='ROMEO ☃:'", config_name="sample")
     with pytest.raises(TokenizerError, match="outside this model's 65-character vocabulary: '☃'"):
         sample(outside)
@@ -148,6 +153,15 @@ def test_resume_continues_step_count_and_schedule(make_cfg) -> None:
     assert after["lr_schedulers"][0]["last_epoch"] == 15
 
 
+def test_resume_into_another_model_is_one_clear_error(make_cfg) -> None:
+    require_data()
+    first = train(make_cfg("debug=limit", "logger=csv", "trainer.max_steps=2"))
+    with pytest.raises(CheckpointError, match=r"different model \(n_layer=2 there vs 3 here\)"):
+        train(make_cfg("debug=limit", "logger=csv", "model.n_layer=3", f"ckpt_path={first['last_ckpt']}"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(make_cfg("debug=limit", "logger=csv", "ckpt_path=/nonexistent/last.ckpt"))
+
+
 def test_no_half_written_checkpoints(make_cfg) -> None:
     require_data()
     result = train(make_cfg("debug=limit", "logger=csv"))
@@ -157,11 +171,11 @@ def test_no_half_written_checkpoints(make_cfg) -> None:
 
 # -- the command line, as a user runs it ----------------------------------------------------------
 
-def cli(*args: str, cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: Path = ROOT, timeout: int = 240, stdin: str | None = None) -> subprocess.CompletedProcess:
     launcher_vars = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars} | {"PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, input=stdin if stdin is not None else "")
 
 
 def test_help_lists_the_config_groups() -> None:
