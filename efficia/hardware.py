@@ -7,6 +7,8 @@ batch the config asks for. On CPU nothing is capped (and the callback says so).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -57,26 +59,38 @@ class GPUMemoryBudget(Callback):
 
     def largest_fitting_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_size: int,
                               seq_len: int) -> int:
-        """Halve from the full batch until a forward+backward (plus optimizer state) fits the budget."""
         vocab = pl_module.tokenizer.vocab_size
         # AdamW keeps two fp32 moments per parameter; they exist for the whole run.
         optimizer_bytes = 2 * sum(p.numel() for p in pl_module.parameters()) * 4
-        candidate = batch_size
-        while candidate >= 1:
+
+        def fits(micro_batch: int) -> bool:
+            """One real forward + backward at this micro-batch, under the trainer's precision."""
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
-                idx = torch.randint(vocab, (candidate, seq_len + 1), device=pl_module.device)
+                idx = torch.randint(vocab, (micro_batch, seq_len + 1), device=pl_module.device)
                 with trainer.precision_plugin.forward_context():
                     losses, _ = pl_module.token_losses((idx[:, :-1], idx[:, 1:]))
                 losses.mean().backward()
-                peak = torch.cuda.max_memory_allocated()
-                if peak + optimizer_bytes <= self.budget * (1 - self.headroom):
-                    return candidate
+                return torch.cuda.max_memory_allocated() + optimizer_bytes <= self.budget * (1 - self.headroom)
             except torch.cuda.OutOfMemoryError:
-                pass
+                return False
             finally:
                 pl_module.zero_grad(set_to_none=True)
-            candidate //= 2
-        raise ConfigError(f"even a micro-batch of 1 x {seq_len} tokens does not fit in "
-                          f"{self.budget / 2**30:.0f} GB; use a smaller scale= or data.seq_len=")
+
+        found = search_micro_batch(batch_size, fits)
+        if found is None:
+            raise ConfigError(f"even a micro-batch of 1 x {seq_len} tokens does not fit in "
+                              f"{self.budget / 2**30:.0f} GB; use a smaller scale= or data.seq_len=")
+        return found
+
+
+def search_micro_batch(batch_size: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest of batch_size, batch_size/2, ... 1 for which `fits` holds (None if none does).
+    Memory grows with the micro-batch, so the first that fits, from the top, is the largest."""
+    candidate = batch_size
+    while candidate >= 1:
+        if fits(candidate):
+            return candidate
+        candidate //= 2
+    return None

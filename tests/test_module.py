@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from efficia.errors import ConfigError
-from efficia.hardware import memory_fraction, plan_accumulation
+from efficia.hardware import memory_fraction, plan_accumulation, search_micro_batch
 from efficia.module import BitsPerByte, LanguageModule, warmup_cosine
 
 
@@ -65,3 +65,16 @@ def test_memory_fraction_caps_a_bigger_card_only() -> None:
     assert memory_fraction(12 * gib, 80 * gib) == pytest.approx(0.15)
     assert memory_fraction(12 * gib, 12 * gib) == 1.0
     assert memory_fraction(24 * gib, 12 * gib) == 1.0
+
+
+def test_micro_batch_search_takes_the_largest_that_fits_then_plans_accumulation() -> None:
+    tried = []
+
+    def fits_under_10(micro: int) -> bool:  # a card on which at most 10 sequences fit
+        tried.append(micro)
+        return micro <= 10
+
+    assert search_micro_batch(64, fits_under_10) == 8 and tried == [64, 32, 16, 8]
+    assert plan_accumulation(64, 8) == (8, 8)
+    assert search_micro_batch(12, fits_under_10) == 6 and plan_accumulation(12, 6) == (6, 2)
+    assert search_micro_batch(4, lambda micro: False) is None
