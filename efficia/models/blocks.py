@@ -160,6 +160,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.batch_size = batch_size
         self.pos = 0
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,6 +191,10 @@ class LanguageModel(nn.Module):
 
     def cache_bytes(self, seq_len: int) -> int:  # pragma: no cover
         raise NotImplementedError
+
+    def kv_bytes(self, positions: int) -> int:
+        """Bytes of a standard per-head K and V cache over `positions` (models with such a cache)."""
+        return 2 * self.n_layer * self.n_head * self.head_dim * positions * self.param_dtype.itemsize
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

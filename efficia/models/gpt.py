@@ -66,8 +66,7 @@ class GPT(LanguageModel):
                        self.device, self.param_dtype)
 
     def cache_bytes(self, seq_len: int) -> int:
-        positions = min(seq_len, self.max_seq_len)
-        return 2 * self.n_layer * self.n_head * self.head_dim * positions * self.param_dtype.itemsize
+        return self.kv_bytes(min(seq_len, self.max_seq_len))
 
     def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
         T = idx.shape[1]

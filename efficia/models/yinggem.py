@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from efficia.models.blocks import (
     GeGLU,
+    KVCache,
     LanguageModel,
     PreNormBlock,
     RMSNorm,
@@ -151,7 +152,7 @@ def flex_sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
     return fn(q, k, v, block_mask=block_mask)
 
 
-class RollingKVCache:
+class RollingKVCache(KVCache):
     """The keys/values of the last `window` positions of every layer, in a ring (slot = position %
     window), plus `pos`, the absolute position of the next token. Its size never grows.
 
@@ -161,12 +162,8 @@ class RollingKVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, window: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype) -> None:
-        shape = (n_layer, batch_size, n_head, window, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        super().__init__(n_layer, batch_size, n_head, window, head_dim, device, dtype)
         self.window = window
-        self.batch_size = batch_size
-        self.pos = 0
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k,v[B,H,T,D] at positions pos .. pos+T-1 and return the context keys/values.
@@ -192,9 +189,6 @@ class RollingKVCache:
         ring_k[:, :, slots] = k[:, :, T - keep:].to(ring_k.dtype)
         ring_v[:, :, slots] = v[:, :, T - keep:].to(ring_v.dtype)
         return k_ctx, v_ctx
-
-    def advance(self, n: int) -> None:
-        self.pos += n
 
 
 def block(d_model: int, n_head: int, window: int, ffn_hidden: int, dropout: float, bias: bool,
@@ -239,8 +233,7 @@ class YingGem(LanguageModel):
                               self.device, self.param_dtype)
 
     def cache_bytes(self, seq_len: int) -> int:
-        positions = min(seq_len, self.window)
-        return 2 * self.n_layer * self.n_head * self.head_dim * positions * self.param_dtype.itemsize
+        return self.kv_bytes(min(seq_len, self.window))
 
     def forward(self, idx: Tensor, cache: RollingKVCache | None = None) -> Tensor:
         B, T = idx.shape
