@@ -24,6 +24,8 @@ class LossCurve(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        if trainer.global_step % trainer.log_every_n_steps:
+            return  # reading the loss forces a device sync: only as often as the loggers do
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None and trainer.global_step > 0:
             self.train.append((trainer.global_step, float(loss)))
@@ -66,22 +68,25 @@ class LossCurve(Callback):
 
 
 class TokensPerSecond(Callback):
-    """Training throughput (all processes) in the progress bar and the logs, smoothed over steps."""
+    """Training throughput (all processes) in the progress bar and the logs, smoothed over steps.
+
+    Timed from one batch end to the next, so data loading counts and asynchronous GPU work is paid
+    for in steady state without forcing a sync; the clock restarts after each validation.
+    """
 
     def __init__(self, smoothing: float) -> None:
         self.smoothing = smoothing
         self.rate: float | None = None
-        self.started: float | None = None
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self.started = time.perf_counter()
+        self.last_end: float | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if self.started is None:
-            return
-        tokens = batch[0].numel() * trainer.world_size
-        rate = tokens / max(time.perf_counter() - self.started, 1e-9)
-        self.rate = rate if self.rate is None else self.smoothing * self.rate + (1 - self.smoothing) * rate
-        pl_module.log("tok/s", self.rate, prog_bar=True)
+        now = time.perf_counter()
+        if self.last_end is not None:
+            rate = batch[0].numel() * trainer.world_size / max(now - self.last_end, 1e-9)
+            self.rate = rate if self.rate is None else self.smoothing * self.rate + (1 - self.smoothing) * rate
+            pl_module.log("tok/s", self.rate, prog_bar=True)
+        self.last_end = now
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_end = None

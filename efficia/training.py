@@ -130,7 +130,7 @@ def artifacts(trainer: L.Trainer, cfg: DictConfig, loggers: list) -> dict[str, A
         png = Path(cfg.callbacks.loss_curve.filename)
         out["loss_curve"] = str(png) if png.is_file() else None
     for lg in loggers:
-        if isinstance(lg, WandbLogger) and lg._offline and lg.experiment is not None:
+        if isinstance(lg, WandbLogger) and getattr(lg, "_offline", False) and lg.experiment is not None:
             out["wandb_offline_dirs"].append(str(Path(lg.experiment.dir).parent))
     return out
 
