@@ -6,8 +6,8 @@ Text streams as it is generated; `interactive=true` asks for prompts in a loop.
 import hydra
 from omegaconf import DictConfig
 
+from efficia.cli import run_cli
 from efficia.sampling_cli import sample
-from efficia.training import run_cli
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

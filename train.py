@@ -6,7 +6,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from efficia.training import run_cli, train
+from efficia.cli import run_cli
+from efficia.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -52,7 +52,7 @@ def child(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from efficia.models.yinggem import sliding_window_attention
+    from efficia.models.attention import sliding_window_attention
 
     device = torch.device(spec["device"])
     if spec["threads"]:

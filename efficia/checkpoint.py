@@ -18,7 +18,7 @@ from efficia.data.tokenizers import Tokenizer, tokenizer_from_state
 from efficia.errors import CheckpointError
 from efficia.generate import generate_tokens
 from efficia.models import build_model
-from efficia.models.blocks import LanguageModel
+from efficia.models.decoder import LanguageModel
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
 
@@ -73,14 +73,15 @@ class LoadedModel:
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         max_new = opts.pop("max_new_tokens")
         new_tokens: list[torch.Tensor] = []
-        shown = ""
+        pending: list[int] = []  # streamed tokens not yet shown: decoded alone, so streaming stays O(n)
         for token in generate_tokens(self.net, prompt, max_new, generator=generator, **opts):
             new_tokens.append(token)
             if on_text is not None:
-                decoded = self.tokenizer.decode([int(t[0]) for t in new_tokens])
+                pending.append(int(token[0]))
+                decoded = self.tokenizer.decode(pending)
                 if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    on_text(decoded[len(shown):])
-                    shown = decoded
+                    on_text(decoded)
+                    pending.clear()
         if not new_tokens:
             return [text] * num_samples
         stacked = torch.stack(new_tokens, dim=1).tolist()

@@ -7,10 +7,13 @@ batch the config asks for. On CPU nothing is capped (and the callback says so).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -60,8 +63,8 @@ class GPUMemoryBudget(Callback):
     def largest_fitting_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_size: int,
                               seq_len: int) -> int:
         vocab = pl_module.tokenizer.vocab_size
-        # AdamW keeps two fp32 moments per parameter; they exist for the whole run.
-        optimizer_bytes = 2 * sum(p.numel() for p in pl_module.parameters()) * 4
+        # the configured optimizer's state exists for the whole run (AdamW: 2 moments, Adafactor: far less)
+        optimizer_bytes = optimizer_state_bytes(pl_module.cfg["optimizer"], pl_module.parameters())
 
         def fits(micro_batch: int) -> bool:
             """One real forward + backward at this micro-batch, under the trainer's precision."""
@@ -94,3 +97,18 @@ def search_micro_batch(batch_size: int, fits: Callable[[int], bool]) -> int | No
             return candidate
         candidate //= 2
     return None
+
+
+def optimizer_state_bytes(optimizer_cfg: dict[str, Any], params: Iterable[torch.Tensor]) -> int:
+    """Bytes of state the configured optimizer keeps for these parameters, measured rather than assumed:
+    one real step on a zero CPU copy of each distinct (shape, dtype), times how often it occurs."""
+    counts = Counter((tuple(p.shape), p.dtype) for p in params if p.requires_grad)
+    total = 0
+    for (shape, dtype), n in counts.items():
+        probe = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        probe.grad = torch.zeros_like(probe)
+        optimizer = instantiate(optimizer_cfg, [probe])
+        optimizer.step()
+        state = optimizer.state[probe].values()
+        total += n * sum(t.numel() * t.element_size() for t in state if torch.is_tensor(t) and t.dim() > 0)
+    return total

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import netrc
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from efficia.checkpoint import read_checkpoint
-from efficia.errors import CheckpointError, EfficiaError
+from efficia.errors import CheckpointError
 from efficia.module import LanguageModule
-
-
-def run_cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Errors meant for a person print as one line and exit 2; anything else is a real bug and keeps its trace."""
-    try:
-        return fn(cfg)
-    except EfficiaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 @rank_zero_only

@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from efficia.config import CONF_DIR, compose_run
 
@@ -37,3 +38,36 @@ def require_data() -> None:
     data_dir = os.environ.get("EFFICIA_DATA_DIR")
     if not data_dir or not (Path(data_dir) / "tinyshakespeare" / "input.txt").is_file():
         pytest.fail("tiny Shakespeare not found: set EFFICIA_DATA_DIR to a folder holding tinyshakespeare/input.txt")
+
+
+TINY_VOCAB = 37
+
+
+def tiny_model_cfg(name: str, *overrides: str) -> dict:
+    """conf/model/<name>.yaml at scale=tiny (with its tiny model_scale), plus overrides such as "model.window=4"."""
+    cfg = compose_run([f"model={name}", "scale=tiny", *overrides], tempfile.gettempdir())
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def build_tiny(name: str, *overrides: str, vocab_size: int = TINY_VOCAB, seed: int = 0):
+    """The tiny model of `name` built from its own yaml, so the yaml is tested too."""
+    from efficia.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(tiny_model_cfg(name, *overrides), vocab_size)
+
+
+@pytest.fixture
+def tiny_model():
+    """The one tiny-model builder: tiny_model("yinggem", "model.n_kv_head=1", vocab_size=11, seed=3)."""
+    return build_tiny
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`cuda` tests need a GPU: skipped (and said so) where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,38 +1,37 @@
-"""The model contract, proven for every registered architecture (new models are covered automatically).
+"""The model contract, proven for every registered architecture and each of its flag variants (new
+models are covered automatically; a new flag adds a line to VARIANTS).
 
-Each model is built from its own conf/model/<name>.yaml at scale=tiny, so the yaml is tested too.
+Each model is built from its own conf/model/<name>.yaml at scale=tiny (with its conf/model_scale
+tiny sizes), so the yaml is tested too.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from efficia.config import compose_run
+from efficia.errors import ConfigError
 from efficia.models import MODELS, build_model
-from efficia.models.blocks import LanguageModel
-from tests.conftest import CONF
+from tests.conftest import CONF, ROOT, TINY_VOCAB, build_tiny
 
-VOCAB = 37
-# Sub-structure sizes (windows, segments, blocks) shrunk so that tiny sequences cross several of them.
-STRUCTURE_OVERRIDES: dict[str, list[str]] = {
-    "yinggem": ["model.window=8"],
+VOCAB = TINY_VOCAB
+# Flag variants that must keep the contract too (x-transformers' one-flag-one-test, per flag).
+VARIANTS: dict[str, list[tuple[str, ...]]] = {
+    "gpt": [(), ("model.n_kv_head=1",), ("model.pos_emb=learned",)],
+    "yinggem": [(), ("model.n_kv_head=1",), ("model.window=3",)],
 }
+CASES = [(name, variant) for name in sorted(MODELS) for variant in VARIANTS.get(name, [()])]
+CASE_IDS = [f"{name}[{' '.join(v) or 'default'}]" for name, v in CASES]
 
 
-def tiny_model_cfg(name: str, *extra: str) -> dict:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", overrides=[f"model={name}", "scale=tiny", *STRUCTURE_OVERRIDES.get(name, []),
-                                          *extra])
-    return OmegaConf.to_container(cfg.model, resolve=True)
-
-
-def tiny_model(name: str, *extra: str) -> LanguageModel:
-    torch.manual_seed(0)
-    return build_model(tiny_model_cfg(name, *extra), VOCAB)
+@pytest.fixture(params=CASES, ids=CASE_IDS)
+def case(request) -> tuple[str, tuple[str, ...]]:
+    return request.param
 
 
 @pytest.fixture(params=sorted(MODELS))
@@ -42,13 +41,14 @@ def name(request) -> str:
 
 def test_every_registered_model_has_a_yaml(name: str) -> None:
     assert (CONF / "model" / f"{name}.yaml").is_file()
-    assert tiny_model_cfg(name)["name"] == name
+    assert build_tiny(name).registry_name == name
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_causal(name: str, mode: str) -> None:
+def test_causal(case, mode: str) -> None:
     """Changing tokens from position j on never changes logits before j, at every length tried."""
-    model = tiny_model(name)
+    name, variant = case
+    model = build_tiny(name, *variant)
     model.train(mode == "train")
     max_len = model.max_seq_len
     gen = torch.Generator().manual_seed(1)
@@ -69,8 +69,8 @@ def test_causal(name: str, mode: str) -> None:
 
 
 @pytest.mark.parametrize("prefill", [1, 5])
-def test_cached_decoding_equals_full_forward(name: str, prefill: int) -> None:
-    model = tiny_model(name).eval()
+def test_cached_decoding_equals_full_forward(case, prefill: int) -> None:
+    model = build_tiny(case[0], *case[1]).eval()
     T = model.max_seq_len
     idx = torch.randint(VOCAB, (3, T), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -84,9 +84,9 @@ def test_cached_decoding_equals_full_forward(name: str, prefill: int) -> None:
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_cached_chunks_equal_full_forward(name: str) -> None:
+def test_cached_chunks_equal_full_forward(case) -> None:
     """A cache fed several multi-token chunks (not just single tokens) still matches the full forward."""
-    model = tiny_model(name).eval()
+    model = build_tiny(case[0], *case[1]).eval()
     T = model.max_seq_len
     idx = torch.randint(VOCAB, (2, T), generator=torch.Generator().manual_seed(4))
     cuts = [0, 3, T // 2, T - 2, T]
@@ -97,36 +97,138 @@ def test_cached_chunks_equal_full_forward(name: str) -> None:
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_parameter_count_and_cache_bytes(name: str) -> None:
-    model = tiny_model(name)
+def tensor_bytes(obj, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable from a cache object (attributes, lists, tuples, dicts), each once."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if obj.data_ptr() in seen:
+            return 0
+        seen.add(obj.data_ptr())
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return tensor_bytes(vars(obj), seen)
+    return 0
+
+
+def test_cache_bytes_is_what_the_cache_really_holds(case) -> None:
+    """cache_bytes(T) per sequence equals the bytes of the tensors a real cache holds after T tokens."""
+    model = build_tiny(case[0], *case[1]).eval()
+    B, T = 2, model.max_seq_len
+    idx = torch.randint(VOCAB, (B, T), generator=torch.Generator().manual_seed(6))
+    cache = model.new_cache(B)
+    with torch.no_grad():
+        for t in range(T):
+            model(idx[:, t:t + 1], cache=cache)
+            if t + 1 in (1, T // 2, T):
+                assert tensor_bytes(cache) == B * model.cache_bytes(t + 1), f"after {t + 1} tokens"
+    assert 0 < model.cache_bytes(1) <= model.cache_bytes(T)
+
+
+def test_cache_batch_size_is_checked(name: str) -> None:
+    model = build_tiny(name)
+    with pytest.raises(ValueError, match="batch size"):
+        model(torch.zeros(3, 1, dtype=torch.long), cache=model.new_cache(2))
+
+
+def test_parameter_count_excludes_every_vocabulary_table(name: str) -> None:
+    model = build_tiny(name)
     n = model.num_params()
-    assert n == sum(p.numel() for p in model.parameters()) > 0
-    assert 0 < model.num_params(exclude_embeddings=True) < n
-    assert 0 < model.cache_bytes(8) <= model.cache_bytes(model.max_seq_len)
+    assert n == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) > 0
+    vocab_tables = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    if model.lm_head.weight is not model.tok_emb.weight:
+        vocab_tables += model.lm_head.weight.numel()
+    assert model.num_params(exclude_embeddings=True) == n - vocab_tables
+
+
+def test_tied_and_untied_heads_count_the_same_non_embedding_parameters() -> None:
+    """gpt ties its head, yinggem does not: excluding embeddings must treat both alike."""
+    tied = build_tiny("gpt")
+    untied = build_tiny("gpt")
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    assert untied.num_params() == tied.num_params() + untied.lm_head.weight.numel()
+    assert untied.num_params(exclude_embeddings=True) == tied.num_params(exclude_embeddings=True)
+
+
+def test_tiny_sequences_cross_every_structure_several_times(name: str) -> None:
+    """At scale=tiny the training context spans each window/segment/block/chunk at least 3 times, so the
+    generic tests above exercise every boundary."""
+    model = build_tiny(name)
+    for part, size in model.structure().items():
+        assert 1 <= size and 3 * size <= model.max_seq_len, f"{name}: {part}={size} vs max_seq_len {model.max_seq_len}"
+
+
+def test_small_scale_models_are_gpt_sized(name: str) -> None:
+    """scale=small compares like with like: every model within ±15% of gpt's parameters (char vocabulary)."""
+    def params(model_name: str) -> int:
+        cfg = compose_run([f"model={model_name}", "scale=small"], ROOT / "outputs" / "unused")
+        return build_model(OmegaConf.to_container(cfg.model, resolve=True), 65).num_params()
+
+    assert abs(params(name) / params("gpt") - 1) <= 0.15
 
 
 def test_gradient_checkpointing_flag_changes_nothing_but_memory(name: str) -> None:
     idx = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
     grads = []
     for flag in (False, True):
-        model = tiny_model(name, f"model.gradient_checkpointing={flag}").train()
+        model = build_tiny(name, f"model.gradient_checkpointing={flag}").train()
         loss = model(idx).logsumexp(-1).mean()
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
-def test_unknown_model_name_is_a_clear_error() -> None:
-    from efficia.errors import ConfigError
+# --- bad settings: one clear line ------------------------------------------------------------------
 
+
+DELETE = object()
+
+
+def test_unknown_model_name_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="unknown model 'nope'; registered models: .*gpt"):
         build_model({"name": "nope"}, VOCAB)
 
 
-def test_missing_size_is_a_clear_error() -> None:
-    from efficia.errors import ConfigError
-
-    cfg = tiny_model_cfg("gpt")
-    del cfg["n_head"]
-    with pytest.raises(ConfigError, match="model=gpt: .*n_head"):
+@pytest.mark.parametrize(("change", "message"), [
+    ({"n_head": DELETE}, "model=gpt: missing key.s. n_head"),
+    ({"heads": 4}, "model=gpt: unknown key.s. heads"),
+    ({"n_head": 3}, r"d_model \(32\) must be divisible by n_head \(3\)"),
+    ({"pos_emb": "alibi"}, "pos_emb must be 'learned' or 'rope', got 'alibi'"),
+    ({"n_kv_head": 3}, r"n_kv_head \(3\) must divide n_head"),
+    ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+])
+def test_bad_model_settings_are_clear_errors(change: dict, message: str) -> None:
+    cfg = OmegaConf.to_container(compose_run(["model=gpt", "scale=tiny"], ROOT / "outputs" / "unused").model)
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not DELETE}
+    with pytest.raises(ConfigError, match=message):
         build_model(cfg, VOCAB)
+
+
+def test_yinggem_zero_window_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="window must be >= 1, got 0"):
+        build_tiny("yinggem", "model.window=0")
+
+
+def test_type_error_inside_a_constructor_is_not_called_a_yaml_problem(monkeypatch) -> None:
+    """Only key mismatches are reported as config problems; a bug inside a constructor keeps its trace."""
+    import efficia.models.gpt as gpt_module
+
+    def broken(*args, **kwargs):
+        raise TypeError("bug inside the model")
+
+    monkeypatch.setattr(gpt_module, "MLP", broken)
+    with pytest.raises(TypeError, match="bug inside the model"):
+        build_tiny("gpt")
+
+
+@pytest.mark.parametrize("override", ["model.n_head=3", "model.pos_emb=alibi", "+model.heads=2"])
+def test_bad_model_setting_through_the_cli_is_one_line(tmp_path, override: str) -> None:
+    proc = subprocess.run([sys.executable, "train.py", "scale=tiny", "logger=csv", override,
+                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -10,6 +10,7 @@ import torch
 from efficia.errors import ConfigError
 from efficia.hardware import memory_fraction, plan_accumulation, search_micro_batch
 from efficia.module import BitsPerByte, LanguageModule, warmup_cosine
+from tests.conftest import tiny_model_cfg
 
 
 def test_warmup_then_cosine_to_the_floor() -> None:
@@ -29,8 +30,7 @@ def test_bits_per_byte_weighs_by_target_bytes() -> None:
 
 
 def tiny_module(optimizer: dict) -> LanguageModule:
-    cfg = {"model": dict(name="gpt", d_model=16, n_layer=1, n_head=2, max_seq_len=8, dropout=0.0, bias=True,
-                         pos_emb="learned", gradient_checkpointing=False),
+    cfg = {"model": tiny_model_cfg("gpt", "model.n_layer=1", "model.bias=true", "model.pos_emb=learned"),
            "optimizer": optimizer, "scheduler": {"warmup_steps": 2, "min_lr_ratio": 0.1}}
     return LanguageModule(cfg, {"kind": "char", "chars": "abcdef"})
 
@@ -78,3 +78,15 @@ def test_micro_batch_search_takes_the_largest_that_fits_then_plans_accumulation(
     assert plan_accumulation(64, 8) == (8, 8)
     assert search_micro_batch(12, fits_under_10) == 6 and plan_accumulation(12, 6) == (6, 2)
     assert search_micro_batch(4, lambda micro: False) is None
+
+
+def test_optimizer_state_is_measured_for_the_configured_optimizer() -> None:
+    """The GPU micro-batch planner counts AdamW's two moments, but Adafactor's factored rows + columns."""
+    from efficia.hardware import optimizer_state_bytes
+
+    params = [torch.nn.Parameter(torch.zeros(300, 200)), torch.nn.Parameter(torch.zeros(300, 200)),
+              torch.nn.Parameter(torch.zeros(200))]
+    adamw = optimizer_state_bytes({"_target_": "torch.optim.AdamW", "lr": 1e-3}, params)
+    adafactor = optimizer_state_bytes({"_target_": "torch.optim.Adafactor", "lr": 1e-3}, params)
+    assert adamw == 2 * (2 * 300 * 200 + 200) * 4
+    assert adafactor == (2 * (300 + 200) + 200) * 4

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import efficia.generate as generate_module
 from efficia.generate import (
     apply_repetition_penalty,
     apply_top_k,
@@ -14,7 +17,7 @@ from efficia.generate import (
     generate,
     next_token,
 )
-from efficia.models import build_model
+from tests.conftest import build_tiny
 
 INF = float("inf")
 
@@ -103,9 +106,7 @@ def test_bad_sampling_values_are_clear_errors() -> None:
 
 
 def tiny_gpt(max_seq_len: int = 16):
-    torch.manual_seed(0)
-    return build_model(dict(name="gpt", d_model=32, n_layer=2, n_head=2, max_seq_len=max_seq_len, dropout=0.0,
-                            bias=False, pos_emb="learned", gradient_checkpointing=False), 11)
+    return build_tiny("gpt", "model.pos_emb=learned", f"model.max_seq_len={max_seq_len}", vocab_size=11)
 
 
 def test_greedy_generate_equals_argmax_of_full_forward_with_batch() -> None:
@@ -126,3 +127,41 @@ def test_generate_runs_past_a_bounded_context_and_streams() -> None:
     assert out.shape == (1, 33) and len(streamed) == 30
     assert torch.equal(torch.stack(streamed, 1), out[:, 3:])
     assert model.training, "generate restores the model's mode"
+
+
+def test_sampling_does_not_import_the_training_stack() -> None:
+    """sample.py starts fast: neither Lightning nor W&B is imported to sample from a checkpoint."""
+    code = "import sys, efficia.cli, efficia.sampling_cli; print(sorted({'lightning', 'wandb'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_streamed_bpe_text_equals_the_result_and_decodes_each_token_once(monkeypatch) -> None:
+    """With GPT-2 byte tokens a character can span tokens: the stream waits for it, shows exactly the final
+    text, and decodes each new token once (not the whole continuation at every step)."""
+    from efficia.checkpoint import LoadedModel
+    from efficia.data.tokenizers import TiktokenTokenizer
+
+    class CountingTokenizer(TiktokenTokenizer):
+        decoded = 0
+
+        def decode(self, ids: list[int]) -> str:
+            CountingTokenizer.decoded += len(ids)
+            return super().decode(ids)
+
+    tokenizer = CountingTokenizer("gpt2")
+    net = build_tiny("gpt", vocab_size=tokenizer.vocab_size)
+    smile = tokenizer.encode("😀")  # 2 tokens for one character
+    assert len(smile) == 2
+    cfg = {"sampling": {"max_new_tokens": 12, "temperature": 1.0, "top_k": None, "top_p": None,
+                        "repetition_penalty": 1.0}}
+    model = LoadedModel(net.eval(), tokenizer, cfg)
+    forced = iter(smile * 3 + tokenizer.encode(" a b c d e f"))  # the sampler is scripted: 12 known tokens
+    monkeypatch.setattr(generate_module, "next_token",
+                        lambda logits, seen, **kw: torch.full((logits.shape[0],), next(forced), dtype=torch.long))
+    chunks: list[str] = []
+    text = model.generate("Hi", on_text=chunks.append, max_new_tokens=12)[0]
+    assert "".join(chunks) == text[len("Hi"):] and "😀😀😀" in text
+    assert all("\ufffd" not in c for c in chunks)
+    streamed_decodes = CountingTokenizer.decoded - 12  # the final decode of the whole row
+    assert streamed_decodes <= 12 + len(smile) * 3, streamed_decodes

@@ -1,6 +1,6 @@
 """YingGem-specific tests: banded attention against a dense reference, the rolling KV cache, flags.
 
-The generic causality / cache-equals-forward tests over the whole registry live elsewhere.
+The generic causality / cache-equals-forward tests over the whole registry live in test_models.py.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from efficia.models import attention as att
 from efficia.models import build_model
-from efficia.models import yinggem as yg
+from tests.conftest import build_tiny
 
-WINDOW = 8
-TINY = dict(name="yinggem", d_model=32, n_layer=2, n_head=2, max_seq_len=16, dropout=0.0, window=WINDOW,
-            ffn_hidden=48, rope_theta=10000.0, norm_eps=1e-6, bias=True, gradient_checkpointing=False)
+WINDOW = 8  # conf/model_scale/yinggem_tiny.yaml
+MAX_SEQ_LEN = 16
+N_LAYER = 2
 VOCAB = 61
 
 
@@ -41,16 +42,20 @@ def dense_band_attention(q, k, v, window, dropout=0.0):
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
 
 
-def tiny_model(seed: int = 0, **overrides) -> yg.YingGem:
-    torch.manual_seed(seed)
-    model = build_model({**TINY, **overrides}, VOCAB)
+def tiny_model(seed: int = 0, *overrides: str):
+    model = build_tiny("yinggem", f"model.max_seq_len={MAX_SEQ_LEN}", *overrides, vocab_size=VOCAB, seed=seed)
+    assert (model.window, model.n_layer) == (WINDOW, N_LAYER)
     return model.eval()
 
 
 def reference_logits(model, idx, monkeypatch):
-    """Full forward with the attention swapped for the dense reference (the ground truth)."""
+    """Full forward with the attention kernel swapped for the dense reference at the test's own WINDOW
+    (the ground truth). The mixer looks the kernel up at every call, so the swap really reaches the model."""
+    def reference(q, k, v, window, dropout=0.0):
+        return dense_band_attention(q, k, v, WINDOW)
+
     with monkeypatch.context() as m:
-        m.setattr(yg, "sliding_window_attention", dense_band_attention)
+        m.setattr(att, "sliding_window_attention", reference)
         with torch.no_grad():
             return model(idx)
 
@@ -66,7 +71,7 @@ def test_banded_attention_matches_dense_forward_and_grad(q_len, k_len):
     k = torch.randn(2, 3, k_len, 16, requires_grad=True)
     v = torch.randn(2, 3, k_len, 16, requires_grad=True)
     grad_out = torch.randn(2, 3, q_len, 16)
-    out = yg.sliding_window_attention(q, k, v, WINDOW)
+    out = att.sliding_window_attention(q, k, v, WINDOW)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref = dense_band_attention(q, k, v, WINDOW)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
@@ -79,7 +84,7 @@ def test_banded_attention_matches_dense_forward_and_grad(q_len, k_len):
 def test_banded_attention_other_windows(window):
     torch.manual_seed(window)
     q, k, v = (torch.randn(1, 2, 41, 8) for _ in range(3))
-    torch.testing.assert_close(yg.sliding_window_attention(q, k, v, window),
+    torch.testing.assert_close(att.sliding_window_attention(q, k, v, window),
                                dense_band_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
 
 
@@ -88,7 +93,7 @@ def test_banded_attention_is_not_full_causal():
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))
     full = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert not torch.allclose(yg.sliding_window_attention(q, k, v, WINDOW), full, atol=1e-3)
+    assert not torch.allclose(att.sliding_window_attention(q, k, v, WINDOW), full, atol=1e-3)
 
 
 def test_chunked_path_never_builds_a_long_score_matrix(monkeypatch):
@@ -104,7 +109,7 @@ def test_chunked_path_never_builds_a_long_score_matrix(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     q, k, v = (torch.randn(1, 2, 200, 8) for _ in range(3))
-    yg.sliding_window_attention(q, k, v, WINDOW)
+    att.sliding_window_attention(q, k, v, WINDOW)
     assert seen and max(seen) <= 2 * WINDOW
 
 
@@ -112,19 +117,19 @@ def test_training_after_inference_mode_call():
     """Masks cached under inference_mode (e.g. a validation sanity check) must not break training."""
     q, k, v = (torch.randn(1, 2, 3 * WINDOW + 1, 8, requires_grad=True) for _ in range(3))
     with torch.inference_mode():
-        yg.sliding_window_attention(q.detach(), k.detach(), v.detach(), WINDOW)
-    yg.sliding_window_attention(q, k, v, WINDOW).sum().backward()
+        att.sliding_window_attention(q.detach(), k.detach(), v.detach(), WINDOW)
+    att.sliding_window_attention(q, k, v, WINDOW).sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def test_flex_path_matches_dense_inference():
     """The CUDA FlexAttention path's block mask, checked on CPU in inference (eager flex)."""
-    if yg.flex_attention is None:
+    if att.flex_attention is None:
         pytest.skip("FlexAttention not available in this torch")
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     with torch.no_grad():
-        out = yg.flex_sliding_window_attention(q, k, v, WINDOW, compiled=False)
+        out = att.flex_sliding_window_attention(q, k, v, WINDOW, compiled=False)
     torch.testing.assert_close(out, dense_band_attention(q, k, v, WINDOW), atol=1e-5, rtol=1e-5)
 
 
@@ -137,6 +142,18 @@ def test_model_forward_matches_dense_reference(T, monkeypatch):
     torch.testing.assert_close(out, reference_logits(model, idx, monkeypatch), atol=1e-5, rtol=1e-5)
 
 
+def test_a_broken_kernel_fails_the_reference_comparison(monkeypatch):
+    """The reference comparison can fail: a kernel whose band is one key too wide is caught."""
+    model = tiny_model()
+    idx = torch.randint(0, VOCAB, (2, 21))
+    real = att.sliding_window_attention
+    with monkeypatch.context() as m:
+        m.setattr(att, "sliding_window_attention", lambda q, k, v, window, dropout=0.0: real(q, k, v, window + 1))
+        with torch.no_grad():
+            broken = model(idx)
+    assert not torch.allclose(broken, reference_logits(model, idx, monkeypatch), atol=1e-3)
+
+
 def test_receptive_field_is_bounded_by_the_window():
     """Through n_layer layers a token reaches at most n_layer·(window-1) positions ahead."""
     model = tiny_model()
@@ -145,7 +162,7 @@ def test_receptive_field_is_bounded_by_the_window():
     changed[0, 0] = (idx[0, 0] + 1) % VOCAB
     with torch.no_grad():
         a, b = model(idx), model(changed)
-    reach = TINY["n_layer"] * (WINDOW - 1)
+    reach = N_LAYER * (WINDOW - 1)
     assert not torch.allclose(a[0, reach], b[0, reach])  # still reachable
     torch.testing.assert_close(a[0, reach + 1:], b[0, reach + 1:], atol=0, rtol=0)
 
@@ -175,7 +192,7 @@ def test_decode_one_token_at_a_time_for_three_windows(monkeypatch):
 @pytest.mark.parametrize("chunks", [[13] + [1] * 11, [WINDOW] + [1] * 8, [5, 3, 11, 1, 1, 2, 9],
                                     [1, 1, 20, 1], [30]])
 def test_prefill_and_chunked_cached_calls(chunks, monkeypatch):
-    model = tiny_model(seed=3)
+    model = tiny_model(3)
     idx = torch.randint(0, VOCAB, (2, sum(chunks)))
     out, _ = decode(model, idx, chunks)
     torch.testing.assert_close(out, reference_logits(model, idx, monkeypatch), atol=1e-4, rtol=1e-4)
@@ -183,9 +200,9 @@ def test_prefill_and_chunked_cached_calls(chunks, monkeypatch):
 
 def test_decoding_far_beyond_max_seq_len(monkeypatch):
     """Positions are absolute and unbounded: decode past 4·max_seq_len, compare the tail."""
-    model = tiny_model(seed=4)
+    model = tiny_model(4)
     assert model.max_context is None
-    T = 4 * TINY["max_seq_len"] + 5
+    T = 4 * MAX_SEQ_LEN + 5
     idx = torch.randint(0, VOCAB, (1, T))
     out, cache = decode(model, idx, [20] + [1] * (T - 20))
     assert cache.pos == T
@@ -198,36 +215,31 @@ def test_decoding_far_beyond_max_seq_len(monkeypatch):
 
 
 def test_cache_memory_is_constant():
+    """Once the ring is full its memory never grows, and single-token steps write in place."""
     model = tiny_model()
     cache = model.new_cache(2)
-    tensors = lambda: [cache.k, cache.v]
+    tensors = lambda: [t for state in cache.layers for t in (state.k, state.v)]
     size = lambda: sum(t.numel() * t.element_size() for t in tensors())
-    before, ptrs = size(), [t.data_ptr() for t in tensors()]
-    assert before == 2 * model.cache_bytes(10**6) == 2 * model.cache_bytes(WINDOW)  # per sequence
-    assert model.cache_bytes(3) == 3 * model.cache_bytes(1)
+    assert model.cache_bytes(10**6) == model.cache_bytes(WINDOW) == WINDOW * model.cache_bytes(1)
     idx = torch.randint(0, VOCAB, (2, 3 * WINDOW))
     with torch.no_grad():
-        model(idx[:, :5], cache=cache)
-        for t in range(5, 3 * WINDOW):
+        model(idx[:, :WINDOW + 2], cache=cache)
+        full, ptrs = size(), [t.data_ptr() for t in tensors()]
+        assert full == 2 * model.cache_bytes(WINDOW)
+        for t in range(WINDOW + 2, 3 * WINDOW):
             model(idx[:, t:t + 1], cache=cache)
-            assert size() == before
+            assert size() == full
     assert [t.data_ptr() for t in tensors()] == ptrs
-    assert cache.k.shape[-2] == WINDOW
-
-
-def test_cache_batch_size_is_checked():
-    model = tiny_model()
-    with pytest.raises(ValueError, match="batch size"):
-        model(torch.zeros(3, 1, dtype=torch.long), cache=model.new_cache(2))
+    assert all(t.shape[-2] == WINDOW for t in tensors())
 
 
 # --- (d) flags -----------------------------------------------------------------------------------
 
 
 def test_bias_flag():
-    with_bias, without = tiny_model(bias=True), tiny_model(bias=False)
-    d = TINY["d_model"]
-    assert with_bias.num_params() - without.num_params() == TINY["n_layer"] * 4 * d
+    with_bias, without = tiny_model(0, "model.bias=true"), tiny_model(0, "model.bias=false")
+    d = with_bias.d_model
+    assert with_bias.num_params() - without.num_params() == N_LAYER * 4 * d
     assert all(m.bias is None for m in without.modules() if isinstance(m, torch.nn.Linear))
     idx = torch.randint(0, VOCAB, (1, 20))
     assert torch.isfinite(without(idx)).all()
@@ -243,8 +255,8 @@ def loss_and_grads(model, idx):
 
 def test_gradient_checkpointing_same_loss_and_grads():
     idx = torch.randint(0, VOCAB, (2, 21))
-    plain = tiny_model(seed=5)
-    ckpt = tiny_model(seed=5, gradient_checkpointing=True)
+    plain = tiny_model(5)
+    ckpt = tiny_model(5, "model.gradient_checkpointing=true")
     ckpt.load_state_dict(plain.state_dict())
     loss_a, grads_a = loss_and_grads(plain, idx)
     loss_b, grads_b = loss_and_grads(ckpt, idx)
@@ -270,3 +282,18 @@ def test_seed_size_parameter_count_matches_the_seed() -> None:
     with torch.device("meta"):
         model = build_model(cfg, 50257)
     assert abs(model.num_params() / 133.96e6 - 1) < 0.005, model.num_params()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [64, 300])
+def test_flex_attention_equals_chunked_on_cuda(T):
+    """Where a GPU exists: the compiled FlexAttention path and the chunked path agree, forward and backward."""
+    torch.manual_seed(T)
+    q, k, v = (torch.randn(2, 4, T, 32, device="cuda", requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 4, T, 32, device="cuda")
+    flex = att.flex_sliding_window_attention(q, k, v, 16)
+    chunked = att.chunked_sliding_window_attention(q, k, v, 16)
+    torch.testing.assert_close(flex, chunked, atol=2e-3, rtol=2e-3)
+    for a, b in zip(torch.autograd.grad(flex, (q, k, v), grad_out), torch.autograd.grad(chunked, (q, k, v), grad_out),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)

@@ -4,7 +4,7 @@ from efficia.models import (
     gpt,  # noqa: F401  (registers "gpt")
     yinggem,  # noqa: F401  (registers "yinggem")
 )
-from efficia.models.blocks import LanguageModel
+from efficia.models.decoder import Cache, DecoderLM, LanguageModel, Mixer, Step
 from efficia.models.registry import MODELS, build_model, register
 
-__all__ = ["MODELS", "LanguageModel", "build_model", "register"]
+__all__ = ["MODELS", "Cache", "DecoderLM", "LanguageModel", "Mixer", "Step", "build_model", "register"]

@@ -1,0 +1,251 @@
+"""Causal self-attention as a mixer: full or sliding-window, multi-head or grouped-query, with the
+decoding state each variant needs (a growing K/V cache, or a ring of exactly `window` positions).
+
+Grouped-query attention (`n_kv_head` K/V heads shared by groups of query heads; null = one per head):
+
+    n_head=6, n_kv_head=2:   query heads  q0 q1 q2 | q3 q4 q5
+                             K/V heads       kv0   |   kv1
+
+Sliding window (`window`): key j is visible to query i iff 0 <= i - j < window. Which path runs where:
+
+- keys <= window (short sequences, single-token decoding, short cached chunks): every key in the
+  causal triangle is inside the band, so plain causal SDPA is exact and is used.
+- CUDA, full sequence (no cache), no attention dropout, FlexAttention importable: compiled
+  `flex_attention` with a sliding-window block mask (blocks outside the band are skipped). If it
+  fails once (compile error, unsupported shape), a warning is issued and the chunked path is used
+  from then on.
+- everywhere else, and always for CPU training (FlexAttention refuses backward on CPU): chunked
+  banded SDPA. Queries are cut into chunks of `window`; chunk c sees the 2·window keys starting
+  `window` before it, gathered with `unfold` (a strided view, no Python loop over chunks), and one
+  SDPA call over [B·H, n_chunks, window, 2·window] scores with a single [window, 2·window] band
+  mask (cached). Time and memory are O(T·window); no T×T mask is ever built.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from efficia.models.blocks import apply_rope, attend, require, sliding_window_mask
+from efficia.models.decoder import Mixer, Step
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch: chunked path only
+    create_block_mask = flex_attention = None
+
+_FLEX = {"enabled": flex_attention is not None, "compiled": None}
+
+
+class KVState:
+    """Keys and values of every position so far, [B, Hkv, T, D], grown by each call (never padded)."""
+
+    def __init__(self, batch_size: int, n_kv_head: int, head_dim: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+        """Append k,v[B,Hkv,T,D] (positions pos..pos+T-1) and return every key/value so far."""
+        self.k = torch.cat((self.k, k.to(self.k.dtype)), dim=2)
+        self.v = torch.cat((self.v, v.to(self.v.dtype)), dim=2)
+        return self.k, self.v
+
+
+class RingKVState(KVState):
+    """Keys and values of the last `window` positions, position p in slot p % window once full, so
+    decoding memory is constant whatever the length."""
+
+    def __init__(self, window: int, *args) -> None:
+        super().__init__(*args)
+        self.window = window
+
+    def update(self, k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+        """Store k,v[B,Hkv,T,D] at positions pos..pos+T-1 and return what the new queries attend over.
+
+        T == 1 on a full ring: the ring itself (order does not matter: every slot is inside the band).
+        Otherwise: the cached `window - 1` positions before pos in position order, then the T new ones,
+        so the new queries are the last T keys (bottom-right aligned).
+        """
+        T, w, held = k.shape[-2], self.window, self.k.shape[-2]  # held == min(pos, w)
+        if T == 1 and held == w:
+            slot = pos % w
+            self.k[:, :, slot] = k[:, :, 0]
+            self.v[:, :, slot] = v[:, :, 0]
+            return self.k, self.v
+        order = torch.arange(pos - min(pos, w - 1), pos, device=k.device) % w
+        k_ctx = torch.cat((self.k[:, :, order].to(k.dtype), k), dim=2)
+        v_ctx = torch.cat((self.v[:, :, order].to(v.dtype), v), dim=2)
+        end = pos + T
+        if end <= w:  # still filling: slot == position
+            super().update(k, v, pos)
+        elif held < w:  # fills up now: keep the last w positions, position p at slot p % w
+            shift = (end - w) % w
+            self.k = torch.cat((self.k, k.to(self.k.dtype)), dim=2)[:, :, -w:].roll(shift, dims=2)
+            self.v = torch.cat((self.v, v.to(self.v.dtype)), dim=2)[:, :, -w:].roll(shift, dims=2)
+        else:
+            keep = min(T, w)  # only the last `window` new positions can ever be seen again
+            slots = torch.arange(end - keep, end, device=k.device) % w
+            self.k[:, :, slots] = k[:, :, T - keep:].to(self.k.dtype)
+            self.v[:, :, slots] = v[:, :, T - keep:].to(self.v.dtype)
+        return k_ctx, v_ctx
+
+
+class CausalSelfAttention(Mixer):
+    """Fused q/k/v projection, optional RoPE at absolute positions (`rope_theta`; None = no rotation,
+    e.g. with learned position embeddings), full causal or sliding-window kernel, GQA by `n_kv_head`."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, dropout: float = 0.0,
+                 bias: bool = False, rope_theta: float | None = 10000.0, window: int | None = None) -> None:
+        super().__init__()
+        n_kv_head = n_kv_head or n_head
+        require(n_head >= 1 and d_model % n_head == 0,
+                f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
+        require(1 <= n_kv_head <= n_head and n_head % n_kv_head == 0,
+                f"n_kv_head ({n_kv_head}) must divide n_head ({n_head}); set model.n_kv_head=null for MHA")
+        require(window is None or window >= 1, f"window must be >= 1, got {window}; set model.window")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        self.rope_theta, self.window, self.dropout = rope_theta, window, dropout
+        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.proj.is_residual_proj = True
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, step: Step, state: KVState | None = None) -> Tensor:
+        B, T, C = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+        if self.rope_theta is not None:
+            cos, sin = step.rope(D, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
+        if state is not None:
+            k, v = state.update(k, v, step.start)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache keeps the parameter dtype under autocast
+        dropout = self.dropout if self.training else 0.0
+        if self.window is None:
+            y = attend(q, k, v, dropout)
+        else:
+            y = sliding_window_attention(q, k, v, self.window, dropout)  # looked up per call (tests patch it)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # [B, T, C]
+
+    def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVState:
+        args = (batch_size, self.n_kv_head, self.head_dim, device, dtype)
+        return KVState(*args) if self.window is None else RingKVState(self.window, *args)
+
+    def state_bytes(self, seq_len: int, dtype: torch.dtype) -> int:
+        positions = seq_len if self.window is None else min(seq_len, self.window)
+        return 2 * self.n_kv_head * self.head_dim * positions * dtype.itemsize
+
+
+def expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Repeat each of Hkv K/V heads H/Hkv times for kernels without native grouped-query support."""
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Tk, D]
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, dropout: float = 0.0) -> Tensor:
+    """Causal sliding-window attention for q[B,H,Tq,D] against k,v[B,Hkv,Tk,D], Tk >= Tq.
+
+    The queries are the last Tq of the Tk keys (bottom-right aligned, as in a cached call): query i
+    sits at key index Tk - Tq + i and sees key j iff 0 <= (Tk - Tq + i) - j < window.
+    """
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    if k_len < q_len:
+        raise ValueError(f"sliding_window_attention: {q_len} queries but only {k_len} keys")
+    if k_len <= window:  # the whole causal triangle lies inside the band
+        return attend(q, k, v, dropout)
+    k, v = expand_kv(q, k, v)
+    if q.is_cuda and q_len == k_len and dropout == 0.0 and _FLEX["enabled"]:
+        try:
+            return flex_sliding_window_attention(q, k, v, window)
+        except Exception as err:  # any failure: fall back, once, loudly
+            _FLEX["enabled"] = False
+            warnings.warn(f"FlexAttention failed ({err!r}); using chunked SDPA from now on", stacklevel=2)
+    return chunked_sliding_window_attention(q, k, v, window, dropout)
+
+
+def chunked_sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
+                                     dropout: float = 0.0) -> Tensor:
+    """Banded attention in O(Tq·window): same semantics as `sliding_window_attention` (k, v expanded)."""
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    offset = k_len - q_len
+    if offset >= window:
+        # keys older than `window` before the first query are never seen
+        return _uniform_chunks(q, k[..., offset - window:, :], v[..., offset - window:, :], window, dropout)
+    # The first chunk of queries has fewer than `window` keys before it: attend it on its own
+    # (its keys fit in < 2·window), then the rest is uniform with exactly `window` keys of history.
+    n0 = min(window, q_len)
+    q0, k0, v0 = q[..., :n0, :], k[..., :offset + n0, :], v[..., :offset + n0, :]
+    if offset + n0 <= window:
+        out0 = attend(q0, k0, v0, dropout)
+    else:
+        mask = sliding_window_mask(n0, offset + n0, window, q.device)
+        out0 = F.scaled_dot_product_attention(q0, k0, v0, attn_mask=mask, dropout_p=dropout)
+    if n0 == q_len:
+        return out0
+    if offset:
+        k, v = k[..., offset:, :], v[..., offset:, :]
+    rest = _uniform_chunks(q[..., n0:, :], k, v, window, dropout)
+    return torch.cat((out0, rest), dim=-2)
+
+
+def _uniform_chunks(q: Tensor, k: Tensor, v: Tensor, window: int, dropout: float) -> Tensor:
+    """q[B,H,Tq,D] with k,v[B,H,Tq+window,D]: query chunk c (queries c·w .. c·w+w-1) sees key
+    rows c·w .. c·w+2w-1, a 2w-wide slab of which the band mask keeps w per query.
+
+    Layout [B·H, n_chunks, ·, D]: the chunks take SDPA's head dimension, so q is a free view and
+    k, v an overlapping strided view (unfold), and one [w, 2w] mask serves every chunk."""
+    B, H, q_len, D = q.shape
+    n_chunks = -(-q_len // window)
+    pad = n_chunks * window - q_len
+    if pad:  # padded queries are dropped at the end; padded keys lie outside every real query's band
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    q = q.reshape(B * H, n_chunks, window, D)
+    # unfold: [B,H,n_chunks,D,2w] overlapping view -> [B·H, n_chunks, 2w, D]
+    k = k.unfold(2, 2 * window, window).transpose(-1, -2).reshape(B * H, n_chunks, 2 * window, D)
+    v = v.unfold(2, 2 * window, window).transpose(-1, -2).reshape(B * H, n_chunks, 2 * window, D)
+    band = _band_mask(window, str(q.device), q.dtype, torch.is_inference_mode_enabled())
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout)
+    out = out.view(B, H, n_chunks * window, D)
+    return out[..., :q_len, :] if pad else out
+
+
+@functools.lru_cache(maxsize=32)
+def _band_mask(window: int, device: str, dtype: torch.dtype, inference: bool) -> Tensor:
+    """Additive [w, 2w] band mask (0 inside, -inf outside), made once per window/device/dtype.
+    `inference` is part of the key: a tensor made under inference_mode cannot be saved for backward."""
+    allowed = sliding_window_mask(window, 2 * window, window, torch.device(device))
+    return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_band_mask(seq_len: int, window: int, device: str, inference: bool):
+    def band(b, h, q_idx, kv_idx):
+        distance = q_idx - kv_idx
+        return (distance >= 0) & (distance < window)
+
+    return create_block_mask(band, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+
+
+def flex_sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
+                                  compiled: bool = True) -> Tensor:
+    """Full-sequence (Tq == Tk) sliding-window attention with FlexAttention and a block mask.
+
+    `compiled=False` runs FlexAttention eagerly (slow, materialises scores; for tests only).
+    """
+    block_mask = _flex_band_mask(q.shape[-2], window, str(q.device), torch.is_inference_mode_enabled())
+    fn = flex_attention
+    if compiled:
+        if _FLEX["compiled"] is None:
+            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+        fn = _FLEX["compiled"]
+    return fn(q, k, v, block_mask=block_mask)

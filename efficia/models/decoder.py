@@ -1,0 +1,173 @@
+"""The model contract and the one decoder skeleton every architecture inherits.
+
+    idx[B,T] -> tok_emb (+ pos_emb) -> dropout -> blocks(x, step, state_i) -> norm -> lm_head -> logits[B,T,V]
+
+What varies between architectures is the *mixer* (the token-mixing half of a block: its projections,
+its kernel and its own decoding state). The skeleton owns everything else: embeddings, the length and
+cache checks, the single `Cache` object that `generate()` and the contract tests see, gradient
+checkpointing, init, and the tied or untied head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from efficia.models.blocks import init_weights, require, rope_tables
+
+
+@dataclass
+class Step:
+    """What a layer may know about this call: the absolute position of its first token and its length.
+    RoPE tables are made once per (dim, theta) per call and shared by every layer that asks."""
+
+    start: int
+    length: int
+    device: torch.device
+    _tables: dict[tuple[int, float], tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+
+    def rope(self, dim: int, theta: float) -> tuple[Tensor, Tensor]:
+        key = (dim, theta)
+        if key not in self._tables:
+            self._tables[key] = rope_tables(dim, theta, self.start, self.length, self.device)
+        return self._tables[key]
+
+
+class Cache:
+    """A model's decoding state: one object per layer, each owned (made, read, written) by that layer's
+    mixer, plus `pos`, the absolute position of the next token. The model advances `pos` after a call."""
+
+    def __init__(self, batch_size: int, layers: list[Any]) -> None:
+        self.batch_size = batch_size
+        self.layers = layers
+        self.pos = 0
+
+
+class Mixer(nn.Module):
+    """The token-mixing half of a block. `forward(x[B,T,C], step, state)` with `state` None in training
+    (the whole sequence at once) or this layer's object from `new_state`, which the call updates in place."""
+
+    def forward(self, x: Tensor, step: Step, state: Any = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def state_bytes(self, seq_len: int, dtype: torch.dtype) -> int:  # pragma: no cover
+        """Bytes this layer's state holds for one sequence after `seq_len` tokens."""
+        raise NotImplementedError
+
+
+class LanguageModel(nn.Module):
+    """The contract every architecture keeps.
+
+    forward(idx[B,T], cache=None) -> logits[B,T,V]; with a cache from `new_cache`, the call
+    continues at `cache.pos` and advances it. `max_context` is the longest sequence the
+    model can attend over in one cache (None: unbounded, e.g. a rolling window).
+    """
+
+    max_context: int | None = None
+    max_seq_len: int
+
+    def new_cache(self, batch_size: int) -> Cache:  # pragma: no cover - every model overrides
+        raise NotImplementedError
+
+    def cache_bytes(self, seq_len: int) -> int:  # pragma: no cover
+        """Bytes the decoding cache holds for one sequence after `seq_len` tokens."""
+        raise NotImplementedError
+
+    def structure(self) -> dict[str, int]:
+        """Periodic sub-structures (window, segment, block, chunk) that tests and scales must cross."""
+        return {}
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters, each counted once. `exclude_embeddings` leaves out every vocabulary-sized or
+        position table (token and position embeddings and the output head, tied or not)."""
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for table in self.embedding_tables():
+                params.pop(id(table), None)
+        return sum(p.numel() for p in params.values())
+
+    def embedding_tables(self) -> list[Tensor]:
+        return [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class DecoderLM(LanguageModel):
+    """Embeddings, blocks, final norm, head. A subclass checks its own settings and passes a block
+    factory (`make_block(layer_index) -> PreNormBlock`-like module with a `.mixer`) and a norm factory.
+
+    `learned_positions`: add a learned position table (then the context is bounded by max_seq_len).
+    `bounded_context`: the mixers cannot attend past max_seq_len (a full KV cache); otherwise any length
+    runs, through training-free extrapolation (RoPE) or a constant-size state.
+    """
+
+    def __init__(self, *, name: str, vocab_size: int, d_model: int, n_layer: int, max_seq_len: int,
+                 dropout: float, make_block: Callable[[int], nn.Module], make_norm: Callable[[], nn.Module],
+                 learned_positions: bool, tie_embeddings: bool, bounded_context: bool,
+                 gradient_checkpointing: bool) -> None:
+        super().__init__()
+        require(d_model >= 1 and n_layer >= 1 and max_seq_len >= 1 and vocab_size >= 1,
+                f"model={name}: d_model, n_layer, max_seq_len and vocab_size must be >= 1 "
+                f"(got {d_model}, {n_layer}, {max_seq_len}, {vocab_size})")
+        require(0.0 <= dropout < 1.0, f"model={name}: dropout must be in [0, 1), got {dropout}")
+        self.name = name
+        self.d_model, self.n_layer, self.max_seq_len = d_model, n_layer, max_seq_len
+        self.max_context = max_seq_len if (bounded_context or learned_positions) else None
+        self.gradient_checkpointing = gradient_checkpointing
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_seq_len, d_model) if learned_positions else None
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(make_block(i) for i in range(n_layer))
+        self.norm = make_norm()
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        init_weights(self, n_layer)
+
+    def embedding_tables(self) -> list[Tensor]:
+        return [*super().embedding_tables(), self.lm_head.weight]
+
+    def new_cache(self, batch_size: int) -> Cache:
+        return Cache(batch_size, [block.mixer.new_state(batch_size, self.device, self.param_dtype)
+                                  for block in self.blocks])
+
+    def cache_bytes(self, seq_len: int) -> int:
+        return sum(block.mixer.state_bytes(seq_len, self.param_dtype) for block in self.blocks)
+
+    def embed(self, idx: Tensor, step: Step) -> Tensor:
+        """Token (+ learned position) embeddings. A subclass may add its own per-token inputs here."""
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(step.start, step.start + step.length, device=idx.device))
+        return x
+
+    def forward(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"{self.name}: cache was made for batch size {cache.batch_size}, got {B}")
+        if self.max_context is not None and start + T > self.max_context:
+            raise ValueError(f"{self.name}: sequence of {start + T} tokens exceeds max_seq_len={self.max_seq_len}")
+        step = Step(start, T, idx.device)
+        x = self.drop(self.embed(idx, step))
+        states = cache.layers if cache is not None else [None] * len(self.blocks)
+        remat = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        for block, state in zip(self.blocks, states, strict=True):
+            x = checkpoint(block, x, step, use_reentrant=False) if remat else block(x, step, state)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.norm(x))
