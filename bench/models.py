@@ -1,0 +1,246 @@
+"""Benchmark every registered architecture on the axes that matter for efficient LMs, side by side in one run.
+
+    python bench/models.py scaling                       # fwd+bwd time and peak memory vs T, every model
+    python bench/models.py cache                         # cache_bytes per token at T = 1024 and 8192 (seed sizes)
+    python bench/models.py decode                        # decode tokens/s with the cache vs without, prefill time
+    python bench/models.py scaling "model=gpt" "model=yinggem model.window=64" --seq-lens 512 1024
+
+A run spec is one model's Hydra overrides (default: every registered model); each is composed from conf/
+exactly as train.py would (`--scale`, default small, plus `model.max_seq_len` large enough for the case).
+Results are printed as a Markdown table and written to bench/results/models-<axis>.json.
+
+Memory (scaling): each (spec, T) runs in a fresh subprocess. On Linux the peak-RSS counter (VmHWM) is reset
+through /proc/self/clear_refs just before the measured pass and the peak is reported above the RSS at that
+moment (model, optimizer-free: the pass's activations and gradients); children use a fixed glibc mmap
+threshold so freed tensors leave the resident set. On CUDA: max_memory_allocated above the allocation before.
+Time is the median of `--repeats` passes after a warm-up pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _rss_kib("VmHWM") is not None
+
+
+def build(spec: str, scale: str, max_seq_len: int, vocab_size: int, device: str = "cpu"):
+    """The model a run spec names, composed from conf/ like train.py, with room for max_seq_len tokens."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from efficia.config import compose_run
+    from efficia.models import build_model
+
+    cfg = compose_run([f"scale={scale}", *spec.split(), f"model.max_seq_len={max_seq_len}", "model.dropout=0.0"],
+                      ROOT / "outputs" / "bench")
+    torch.manual_seed(0)
+    with torch.device(device):
+        return build_model(OmegaConf.to_container(cfg.model, resolve=True), vocab_size)
+
+
+def scaling_child(job: dict) -> dict:
+    """One forward+backward measurement of one model at one length, in this (fresh) process."""
+    import torch
+
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    model = build(job["spec"], job["scale"], job["T"], job["vocab"]).to(device).train()
+    idx = torch.randint(job["vocab"], (job["batch"], job["T"]), device=device)
+
+    def step() -> None:
+        model(idx).float().logsumexp(-1).mean().backward()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    model(idx[:, : min(job["T"], 64)]).sum().backward()  # kernels, thread pools, autograd start-up
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak, method = torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated"
+    elif _reset_peak_rss():
+        base = _rss_kib("VmRSS")
+        step()
+        peak, method = (_rss_kib("VmHWM") - base) * 1024, "peak RSS (VmHWM reset) above RSS before"
+    else:
+        import resource
+
+        step()
+        peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss (whole process)"
+    times = []
+    for _ in range(job["repeats"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "peak_bytes": peak, "method": method,
+            "params": model.num_params(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def run_child(job: dict) -> dict:
+    # A fixed mmap threshold turns off glibc's adaptive one: every large tensor is its own mapping,
+    # returned to the system when freed, so resident memory follows live tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
+                          check=False, env=env)
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def scaling(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    seq_lens = args.seq_lens or [512, 1024, 2048, 4096, 8192]
+    records, lines = [], []
+    for spec in specs:
+        per_token = {}
+        for T in seq_lens:
+            job = dict(spec=spec, scale=args.scale, T=T, vocab=args.vocab, batch=args.batch, repeats=args.repeats,
+                       device=args.device, threads=args.threads)
+            res = {**job, **run_child(job)}
+            records.append(res)
+            if "error" in res:
+                lines.append(f"| `{spec}` | {T} | failed: {res['error'][:80]} | | | |")
+                continue
+            per_token[T] = res["median_s"] / T
+            growth = per_token[T] / per_token[seq_lens[0]]
+            lines.append(f"| `{spec}` | {T} | {res['median_s'] * 1e3:.1f} | {per_token[T] * 1e6:.1f} | "
+                         f"{growth:.2f}x | {res['peak_bytes'] / 2**20:.1f} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    info = next((r for r in records if "method" in r), {})
+    header = [f"forward+backward, batch {args.batch}, scale={args.scale}, fp32, device={args.device}, "
+              f"torch {info.get('torch')}, {info.get('threads')} threads, median of {args.repeats}; "
+              f"memory: {info.get('method')}", "",
+              f"| run | T | ms | µs/token | µs/token vs T={seq_lens[0]} | peak MiB |", "|---|---|---|---|---|---|"]
+    return header + lines, records
+
+
+def cache(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    """cache_bytes per token for one sequence, built on the meta device (no memory, any size)."""
+    records, lines, reference = [], [], None
+    for spec in specs:
+        model = build(spec, args.scale, 8192, args.vocab, device="meta")
+        row = {"spec": spec, "params": model.num_params(),
+               **{f"bytes_per_token_{T}": model.cache_bytes(T) / T for T in (1024, 8192)}}
+        reference = reference or row
+        records.append(row)
+        lines.append(f"| `{spec}` | {row['params'] / 1e6:.1f}M | {row['bytes_per_token_1024']:,.0f} | "
+                     f"{row['bytes_per_token_8192']:,.0f} | "
+                     f"{row['bytes_per_token_1024'] / reference['bytes_per_token_1024']:.3f} | "
+                     f"{row['bytes_per_token_8192'] / reference['bytes_per_token_8192']:.3f} |")
+    header = [f"decoding cache per sequence, scale={args.scale}, parameter dtype fp32, vocab {args.vocab}; "
+              f"ratios against the first run", "",
+              "| run | params | bytes/token @1024 | bytes/token @8192 | ratio @1024 | ratio @8192 |",
+              "|---|---|---|---|---|---|"]
+    return header + lines, records
+
+
+def decode(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    """Greedy decoding of `--new` tokens after a `--prompt`-token prompt: through the model's cache, and
+    without one (a full forward over the whole context for every token)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records, lines = [], []
+    total = args.prompt + args.new
+    for spec in specs:
+        model = build(spec, args.scale, total, args.vocab).eval()
+        prompt = torch.randint(args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            model(prompt[:, :8])  # warm-up
+            start = time.perf_counter()
+            cache_ = model.new_cache(1)
+            logits = model(prompt, cache=cache_)[:, -1]
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(args.new):
+                logits = model(logits.argmax(-1, keepdim=True), cache=cache_)[:, -1]
+            cached = args.new / (time.perf_counter() - start)
+            context = prompt
+            start = time.perf_counter()
+            for _ in range(args.new):
+                token = model(context)[:, -1].argmax(-1, keepdim=True)
+                context = torch.cat((context, token), dim=1)
+            uncached = args.new / (time.perf_counter() - start)
+        row = {"spec": spec, "prefill_ms": prefill * 1e3, "cached_tok_s": cached, "uncached_tok_s": uncached,
+               "cache_bytes": model.cache_bytes(total)}
+        records.append(row)
+        lines.append(f"| `{spec}` | {row['prefill_ms']:.1f} | {cached:,.0f} | {uncached:,.0f} | "
+                     f"{cached / uncached:.1f}x | {row['cache_bytes'] / 2**10:,.0f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    header = [f"batch 1, scale={args.scale}, prompt {args.prompt} tokens, {args.new} new tokens (greedy), fp32, "
+              f"{torch.get_num_threads()} threads", "",
+              f"| run | prefill ms ({args.prompt} tokens) | decode tok/s, cached | decode tok/s, no cache | "
+              f"speed-up | cache KiB @{total} |", "|---|---|---|---|---|---|"]
+    return header + lines, records
+
+
+AXES = {"scaling": scaling, "cache": cache, "decode": decode}
+DEFAULT_SCALE = {"scaling": "small", "cache": "seed", "decode": "small"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("axis", choices=sorted(AXES), nargs="?")
+    parser.add_argument("specs", nargs="*", help="run specs (overrides); default: model=<each registered model>")
+    parser.add_argument("--scale", default=None, help="scale= for every run (default: small; cache: seed)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None)
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 65 chars; cache 50257)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(scaling_child(json.loads(args.child))))
+        return
+    if args.axis is None:
+        parser.error("name an axis: " + ", ".join(sorted(AXES)))
+    from efficia.models import MODELS
+
+    args.scale = args.scale or DEFAULT_SCALE[args.axis]
+    args.vocab = args.vocab or (50257 if args.axis == "cache" else 65)
+    specs = args.specs or [f"model={name}" for name in sorted(MODELS, key=lambda n: (n != "gpt", n))]
+    lines, records = AXES[args.axis](specs, args)
+    print("\n".join(lines))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"models-{args.axis}.json"
+    out.write_text(json.dumps({"argv": sys.argv[1:], "records": records}, indent=1))
+    print(f"\nwritten: {out.relative_to(ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
