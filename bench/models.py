@@ -20,34 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.measure import peak_bytes_of, run_child  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
-
-
-def _rss_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _rss_kib("VmHWM") is not None
 
 
 def build(spec: str, scale: str, max_seq_len: int, vocab_size: int, device: str = "cpu"):
@@ -83,21 +66,7 @@ def scaling_child(job: dict) -> dict:
 
     model(idx[:, : min(job["T"], 64)]).sum().backward()  # kernels, thread pools, autograd start-up
     model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak, method = torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated"
-    elif _reset_peak_rss():
-        base = _rss_kib("VmRSS")
-        step()
-        peak, method = (_rss_kib("VmHWM") - base) * 1024, "peak RSS (VmHWM reset) above RSS before"
-    else:
-        import resource
-
-        step()
-        peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss (whole process)"
+    peak, method = peak_bytes_of(step, device)
     times = []
     for _ in range(job["repeats"]):
         start = time.perf_counter()
@@ -105,17 +74,6 @@ def scaling_child(job: dict) -> dict:
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "peak_bytes": peak, "method": method,
             "params": model.num_params(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
-def run_child(job: dict) -> dict:
-    # A fixed mmap threshold turns off glibc's adaptive one: every large tensor is its own mapping,
-    # returned to the system when freed, so resident memory follows live tensors.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                          check=False, env=env)
-    if proc.returncode:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def scaling(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[dict]]:
@@ -126,7 +84,7 @@ def scaling(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list
         for T in seq_lens:
             job = dict(spec=spec, scale=args.scale, T=T, vocab=args.vocab, batch=args.batch, repeats=args.repeats,
                        device=args.device, threads=args.threads)
-            res = {**job, **run_child(job)}
+            res = {**job, **run_child(__file__, job)}
             records.append(res)
             if "error" in res:
                 lines.append(f"| `{spec}` | {T} | failed: {res['error'][:80]} | | | |")
