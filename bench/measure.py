@@ -3,6 +3,7 @@ subprocess per case so one case's allocations never count against another's."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -60,3 +61,10 @@ def run_child(script: str, job: dict) -> dict:
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --threads and the hidden --child every subprocess benchmark takes."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)

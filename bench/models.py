@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.measure import peak_bytes_of, run_child  # noqa: E402
+from bench.measure import add_device_args, peak_bytes_of, run_child  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -178,9 +178,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_device_args(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(scaling_child(json.loads(args.child))))
