@@ -12,9 +12,10 @@ from efficia.errors import EfficiaError
 
 
 def run_cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Errors meant for a person print as one line and exit 2; anything else is a real bug and keeps its trace."""
+    """Errors meant for a person print as one line and exit 2 (a stop by signal: 128 + its number, as a shell
+    reports it); anything else is a real bug and keeps its trace."""
     try:
         return fn(cfg)
     except EfficiaError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))

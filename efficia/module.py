@@ -13,6 +13,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 
 from efficia.data.tokenizers import tokenizer_from_state
+from efficia.errors import TrainingError
 from efficia.models import build_model
 
 
@@ -66,13 +67,25 @@ class LanguageModule(L.LightningModule):
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
         return losses, y
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         losses, y = self.token_losses(batch)
         loss = losses.mean()
+        if not torch.isfinite(loss):  # the progress bar reads the loss every step anyway: no extra sync
+            return self.non_finite(loss)
         self.tokens_seen += y.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
         return loss
+
+    def non_finite(self, loss: Tensor) -> None:
+        """`nonfinite_loss: stop` ends the run with one line; `skip` drops this batch's optimizer step."""
+        step = self.global_step + 1
+        if self.cfg["nonfinite_loss"] == "skip":
+            self.print(f"step {step}: train/loss is {float(loss)}; skipping this batch (nonfinite_loss=skip)")
+            return None
+        raise TrainingError(f"train/loss is {float(loss)} at step {step}: training diverged (lower optimizer.lr, "
+                            "raise scheduler.warmup_steps or keep trainer.gradient_clip_val); nonfinite_loss=skip "
+                            "skips such batches instead")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         losses, y = self.token_losses(batch)

@@ -16,11 +16,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from efficia.checkpoint import read_checkpoint
-from efficia.errors import CheckpointError
+from efficia.checks import check_run_config, config_errors
+from efficia.errors import TrainingError
 from efficia.module import LanguageModule
+from efficia.reliability import AtomicCheckpointIO, GracefulStop, RNGState, find_checkpoint_callback
+from efficia.resume import check_resumable, checkpoint_dir, claim_run_dir, resolve_ckpt_path, resume_command
 
 
 @rank_zero_only
@@ -60,23 +63,45 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit one run. Returns the final metrics and where its artifacts are."""
+    with config_errors("config"):
+        plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    check_run_config(plain_cfg)
+    output_dir = Path(cfg.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg))
+    claim_run_dir(output_dir, ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     print_config(cfg)
-    datamodule = instantiate(cfg.data, tokenizer=OmegaConf.to_container(cfg.tokenizer, resolve=True))
+    with config_errors("data"):
+        datamodule = instantiate(cfg.data, tokenizer=plain_cfg["tokenizer"])
     datamodule.prepare()
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
-    if cfg.get("ckpt_path"):
-        check_resumable(cfg.ckpt_path, plain_cfg["model"])
-    module = LanguageModule(plain_cfg, datamodule.tokenizer.state())
+    if ckpt_path:
+        check_resumable(ckpt_path, plain_cfg, datamodule.tokenizer.state())
+    with config_errors("model"):
+        module = LanguageModule(plain_cfg, datamodule.tokenizer.state())
+    with config_errors("optimizer"):  # built for real inside fit; refuse bad values before any work
+        instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
     n_params = module.net.num_params()
     rank_zero_only(print)(f"model={cfg.model.name}: {n_params:,} parameters ({n_params / 1e6:.2f}M); "
                           f"vocab {datamodule.tokenizer.vocab_size} ({datamodule.tokenizer.name}); "
                           f"{len(datamodule.train_tokens):,} train / {len(datamodule.val_tokens):,} val tokens")
-    loggers = build_loggers(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg.get("callbacks")),
-                                     logger=loggers or False)
+    with config_errors("logger"):
+        loggers = build_loggers(cfg.get("logger"))
+    with config_errors("callbacks"):
+        callbacks = build_callbacks(cfg.get("callbacks"))
+    stop = GracefulStop(resume_command(output_dir))
+    with config_errors("trainer"):
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stop, RNGState()],
+                                         logger=loggers or False, plugins=[AtomicCheckpointIO()])
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        with stop:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's own SIGTERM path (a signal during validation): saved in on_exception
+        raise stop.stopped(trainer.global_step, stop.saved_path) from None
+    except TrainingError as err:
+        ckpt_cb = find_checkpoint_callback(trainer)
+        last = ckpt_cb.last_model_path if ckpt_cb is not None and ckpt_cb.last_model_path else None
+        raise TrainingError(f"{err}. Checkpoints on disk are from finite steps only"
+                            + (f"; the last one: {last}" if last else "")) from None
     finally:
         finish_wandb(loggers)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -86,16 +111,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
               **artifacts(trainer, cfg, loggers)}
     report(result, cfg)
     return result
-
-
-def check_resumable(ckpt_path: str, model_cfg: dict[str, Any]) -> None:
-    """Resuming needs the same architecture and sizes; say which differ instead of a state-dict trace."""
-    saved = read_checkpoint(ckpt_path)["hyper_parameters"]["cfg"]["model"]
-    differ = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
-    if differ:
-        detail = ", ".join(f"{k}={saved.get(k)!r} there vs {model_cfg.get(k)!r} here" for k in differ)
-        raise CheckpointError(f"ckpt_path={ckpt_path} holds a different model ({detail}); "
-                              "resume with the overrides it was trained with")
 
 
 def finish_wandb(loggers: list) -> None:

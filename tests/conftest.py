@@ -28,8 +28,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture
 def make_cfg(tmp_path: Path):
+    """Each composed run gets its own output folder (run, run-2, ...), as train.py would give it."""
+    made: list[int] = []
+
     def make(*overrides: str, config_name: str = "train") -> DictConfig:
-        return compose_run(list(overrides), tmp_path / "run", config_name)
+        made.append(1)
+        return compose_run(list(overrides), tmp_path / ("run" if len(made) == 1 else f"run-{len(made)}"),
+                           config_name)
 
     return make
 

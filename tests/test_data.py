@@ -20,7 +20,7 @@ SHA = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 def datamodule(tmp_path: Path, **overrides) -> ShakespeareDataModule:
     kwargs = dict(tokenizer={"kind": "char"}, path=None, url="http://127.0.0.1:9/input.txt", sha256=SHA,
                   filename="input.txt", cache_dir=str(tmp_path / "cache"), seq_len=64, batch_size=4,
-                  val_batch_size=8, val_fraction=0.1, num_workers=0)
+                  val_batch_size=8, val_fraction=0.1, num_workers=0, seed=0)
     kwargs.update(overrides)
     return ShakespeareDataModule(**kwargs)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from efficia.data.resumable import ResumableSampler, training_position
 from efficia.data.tokenizers import Tokenizer, build_tokenizer
 from efficia.errors import DataError
 
@@ -77,8 +78,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class ShakespeareDataModule(L.LightningDataModule):
     def __init__(self, *, tokenizer: dict[str, Any], path: str | None, url: str, sha256: str, filename: str,
                  cache_dir: str, seq_len: int, batch_size: int, val_batch_size: int, val_fraction: float,
-                 num_workers: int) -> None:
+                 num_workers: int, seed: int) -> None:
         super().__init__()
+        check_positive_int("data.seq_len", seq_len)
+        check_positive_int("data.batch_size", batch_size)
+        check_positive_int("data.val_batch_size", val_batch_size)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise DataError(f"data.num_workers={num_workers!r}: give a whole number >= 0 (0 loads in the main process)")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
+            raise DataError(f"data.val_fraction={val_fraction!r}: give the held-out share strictly between 0 and 1, "
+                            "e.g. 0.1")
+        self.seed = seed
+        self.resume: dict[str, Any] = {}
+        self.train_sampler: ResumableSampler | None = None
         self.tokenizer_cfg = dict(tokenizer)
         self.path, self.url, self.sha256, self.filename = path, url, sha256, filename
         self.cache_dir = Path(cache_dir).expanduser()
@@ -133,12 +145,17 @@ class ShakespeareDataModule(L.LightningDataModule):
         if self.train_tokens is not None:
             return
         text_file = self.resolve_text_file()
-        text = text_file.read_text(encoding="utf-8")
+        try:
+            text = text_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{text_file} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                            "point data.path at a plain-text corpus") from None
         self.tokenizer = build_tokenizer(self.tokenizer_cfg, corpus=text)
         split_at = int(len(text) * (1 - self.val_fraction))
-        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-        self.train_tokens = self.encode_cached(text[:split_at], f"{digest}-{self.tokenizer.name}-train")
-        self.val_tokens = self.encode_cached(text[split_at:], f"{digest}-{self.tokenizer.name}-val")
+        # the key names everything that changes the tokens: the text, the tokenizer and where the split falls
+        key = f"{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}-{self.tokenizer.name}-split{split_at}"
+        self.train_tokens = self.encode_cached(text[:split_at], f"{key}-train")
+        self.val_tokens = self.encode_cached(text[split_at:], f"{key}-val")
 
     def encode_cached(self, text: str, key: str) -> torch.Tensor:
         dtype = np.uint16 if self.tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
@@ -155,10 +172,35 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.prepare()
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(RandomWindows(self.train_tokens, self.seq_len), batch_size=self.batch_size,
-                          shuffle=True, drop_last=True, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        windows = RandomWindows(self.train_tokens, self.seq_len)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if len(windows) // replicas < self.batch_size:
+            raise DataError(f"the training split has {len(windows):,} windows of seq_len={self.seq_len}, fewer than "
+                            f"one batch (data.batch_size={self.batch_size} x {replicas} process(es)); lower "
+                            "data.batch_size or seq_len, or use more text")
+        sampler = self.train_sampler = ResumableSampler(windows, num_replicas=replicas, rank=rank, seed=self.seed)
+        if self.resume:
+            sampler.resume_at(self.resume["permutation"], self.resume["batches"] * self.batch_size)
+            self.resume = {}
+        # an explicit generator: creating loader iterators (validation too) never draws from the global RNG
+        return DataLoader(windows, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(FixedWindows(self.val_tokens, self.seq_len), batch_size=self.val_batch_size,
-                          shuffle=False, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          shuffle=False, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    # -- exact resume: where in the shuffled order the last checkpoint was written -------------
+    def state_dict(self) -> dict[str, Any]:
+        return training_position(self.trainer, self.train_sampler)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.resume = dict(state_dict)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"{name}={value!r}: give a whole number >= 1")
