@@ -26,7 +26,7 @@ class LossCurve(Callback):
                            batch: Any, batch_idx: int) -> None:
         if trainer.global_step % trainer.log_every_n_steps:
             return  # reading the loss forces a device sync: only as often as the loggers do
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # {} for a skipped step
         if loss is not None and trainer.global_step > 0:
             self.train.append((trainer.global_step, float(loss)))
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from efficia.errors import ConfigError
+from efficia.errors import ConfigError, EfficiaError
 
 NONFINITE_CHOICES = ("stop", "skip")
 
@@ -77,12 +77,16 @@ def check_sampling(opts: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def first_line(err: BaseException) -> str:
-    """The message a library meant for a person: the innermost cause's first line."""
+def innermost(err: BaseException) -> BaseException:
     while err.__cause__ is not None:
         err = err.__cause__
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    return err
+
+
+def first_line(err: BaseException) -> str:
+    """The message a library meant for a person: the innermost cause's first line."""
+    text = str(innermost(err)).strip().splitlines()
+    return text[0] if text else type(innermost(err)).__name__
 
 
 @contextlib.contextmanager
@@ -94,8 +98,10 @@ def config_errors(what: str) -> Iterator[None]:
 
     try:
         yield
-    except ConfigError:
+    except EfficiaError:
         raise
     except (ValueError, TypeError, MisconfigurationException, InstantiationException,
             OmegaConfBaseException) as err:
+        if isinstance(innermost(err), EfficiaError):  # already one clear line, wrapped by hydra.instantiate
+            raise innermost(err) from None
         raise ConfigError(f"{what}: {first_line(err)}; fix the {what}.* overrides") from None

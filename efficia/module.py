@@ -81,8 +81,12 @@ class LanguageModule(L.LightningModule):
         """`nonfinite_loss: stop` ends the run with one line; `skip` drops this batch's optimizer step."""
         step = self.global_step + 1
         if self.cfg["nonfinite_loss"] == "skip":
-            self.print(f"step {step}: train/loss is {float(loss)}; skipping this batch (nonfinite_loss=skip)")
-            return None
+            if all(p.isfinite().all() for p in self.net.parameters()):
+                self.print(f"step {step}: train/loss is {float(loss)}; skipping this batch (nonfinite_loss=skip)")
+                return None
+            raise TrainingError(f"train/loss is {float(loss)} at step {step} and the weights are no longer finite, "
+                                "so skipping batches cannot recover: lower optimizer.lr or raise "
+                                "scheduler.warmup_steps")
         raise TrainingError(f"train/loss is {float(loss)} at step {step}: training diverged (lower optimizer.lr, "
                             "raise scheduler.warmup_steps or keep trainer.gradient_clip_val); nonfinite_loss=skip "
                             "skips such batches instead")

@@ -52,6 +52,21 @@ class NaNAt(Callback):
                 next(pl_module.net.parameters()).fill_(float("nan"))
 
 
+class NaNLossAt(Callback):
+    """Test helper: one batch whose loss is NaN (the weights stay finite), as a bad batch would give."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.hook = step, None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.step and self.hook is None:
+            self.hook = pl_module.net.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+
+    def on_train_batch_end(self, *args) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+
+
 def signal_at(step: int, signum: int) -> list[str]:
     return [f"+callbacks.signal._target_={__name__}.SignalAt", f"+callbacks.signal.step={step}",
             f"+callbacks.signal.signum={int(signum)}"]
@@ -238,13 +253,18 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_finite_checkpoints(make_cf
     assert [p.name.split("-")[0] for p in best] == ["step000005"] and "nan" not in best[0].name
 
 
-def test_nonfinite_loss_skip_mode_skips_steps(make_cfg) -> None:
+def test_nonfinite_loss_skip_mode_skips_that_step_only(make_cfg, capsys) -> None:
     require_data()
-    cfg = make_cfg(*BASE, "trainer.max_steps=6", "optimizer.lr=1e6", "trainer.gradient_clip_val=null",
-                   "nonfinite_loss=skip")
-    result = train(cfg)  # the weights blow up; every later step is skipped, none written non-finite
-    assert result["global_step"] < 6 or result["last_ckpt"] is None or all(
-        torch.isfinite(v).all() for v in weights(result["last_ckpt"]).values())
+    nan_once = [f"+callbacks.nan._target_={__name__}.NaNLossAt", "+callbacks.nan.step=3"]
+    result = train(make_cfg(*BASE, "trainer.max_steps=6", "nonfinite_loss=skip", *nan_once))
+    assert result["global_step"] == 6  # the NaN batch did not step; six good steps still ran
+    assert "step 4: train/loss is nan; skipping this batch" in capsys.readouterr().out
+    assert all(torch.isfinite(v).all() for v in weights(result["last_ckpt"]).values())
+    with pytest.raises(TrainingError, match="train/loss is nan at step 4: training diverged"):
+        train(make_cfg(*BASE, "trainer.max_steps=6", *nan_once))
+    poisoned = [f"+callbacks.nan._target_={__name__}.NaNAt", "+callbacks.nan.step=2"]
+    with pytest.raises(TrainingError, match="at step 3 and the weights are no longer finite"):
+        train(make_cfg(*BASE, "trainer.max_steps=6", "nonfinite_loss=skip", *poisoned))
 
 
 def test_huge_lr_is_not_a_success(make_cfg) -> None:
@@ -275,7 +295,7 @@ def test_token_cache_is_keyed_by_the_split(make_cfg) -> None:
 
 def test_too_little_data_for_one_batch_is_an_error(make_cfg, tmp_path: Path) -> None:
     small = tmp_path / "small.txt"
-    small.write_text("To be, or not to be, that is the question:\n" * 40)
+    small.write_text("To be, or not to be, that is the question:\n" * 10)  # 440 characters
     with pytest.raises(DataError, match=r"fewer than one batch \(data.batch_size=512"):
         train(make_cfg("debug=limit", "logger=csv", f"data.path={small}", "data.batch_size=512"))
 
@@ -303,7 +323,8 @@ def test_resume_refuses_overrides_it_would_drop(make_cfg) -> None:
     with pytest.raises(CheckpointError, match=r"optimizer._target_='torch.optim.AdamW' there vs "
                                               r"'torch.optim.Adafactor' here"):
         train(make_cfg(*BASE, "optimizer=adafactor", f"ckpt_path={first['last_ckpt']}"))
-    with pytest.raises(CheckpointError, match="trained with tokenizer char65, this run's tokenizer= and data give gpt2"):
+    with pytest.raises(CheckpointError, match="trained with tokenizer char65, this run's tokenizer= and data "
+                                              "give gpt2"):
         train(make_cfg(*BASE, "tokenizer=gpt2", f"ckpt_path={first['last_ckpt']}"))
     resumed = train(make_cfg(*BASE, "trainer.max_steps=4", "trainer.val_check_interval=2",
                              f"ckpt_path={first['last_ckpt']}"))  # trainer.* is applied
