@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,14 @@ class LossCurve(Callback):
         ax.set_title(f"{pl_module.cfg['model']['name']}: {pl_module.net.num_params() / 1e6:.2f}M params")
         ax.grid(alpha=0.3)
         ax.legend()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
-        fig.savefig(self.path, dpi=110)
-        plt.close(fig)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(self.path, dpi=110)
+        except OSError as err:  # a plot is not worth losing the run's report over
+            print(f"warning: loss curve not written to {self.path} ({err.strerror or err})", file=sys.stderr)
+        finally:
+            plt.close(fig)
 
     def state_dict(self) -> dict[str, Any]:
         return {"train": self.train, "val": self.val}

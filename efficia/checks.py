@@ -100,8 +100,21 @@ def config_errors(what: str) -> Iterator[None]:
         yield
     except EfficiaError:
         raise
-    except (ValueError, TypeError, MisconfigurationException, InstantiationException,
+    except (ValueError, TypeError, ArithmeticError, MisconfigurationException, InstantiationException,
             OmegaConfBaseException) as err:
         if isinstance(innermost(err), EfficiaError):  # already one clear line, wrapped by hydra.instantiate
             raise innermost(err) from None
         raise ConfigError(f"{what}: {first_line(err)}; fix the {what}.* overrides") from None
+
+
+def check_fits(cfg: Mapping[str, Any], logged: tuple[str, ...]) -> None:
+    """Cross-group checks: what one group asks of another, refused before the run instead of deep inside it."""
+    seq_len, context = (cfg.get("data") or {}).get("seq_len"), (cfg.get("model") or {}).get("max_seq_len")
+    if is_int(seq_len) and is_int(context) and seq_len > context:
+        raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={context}; lower data.seq_len "
+                          "or raise model.max_seq_len")
+    for name, spec in (cfg.get("callbacks") or {}).items():
+        monitor = spec.get("monitor") if isinstance(spec, Mapping) else None
+        if monitor is not None and monitor not in logged:
+            raise ConfigError(f"callbacks.{name}.monitor={monitor!r} is not a metric this run logs; use one of "
+                              f"{', '.join(logged)}")

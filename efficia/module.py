@@ -47,6 +47,8 @@ class LanguageModule(L.LightningModule):
     """Wraps any registered architecture. `cfg` is the whole resolved run config (plain types), kept in
     the checkpoint together with the tokenizer state so a checkpoint alone rebuilds model and tokenizer."""
 
+    LOGGED = ("val/loss", "val/ppl", "val/bpb", "train/loss", "train/tokens")  # what a callback may monitor
+
     def __init__(self, cfg: dict[str, Any], tokenizer_state: dict[str, Any]) -> None:
         super().__init__()
         self.save_hyperparameters()

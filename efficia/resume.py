@@ -67,7 +67,11 @@ def claim_run_dir(out: Path, ckpt_path: str | None) -> None:
         raise ConfigError(f"hydra.run.dir={out} already holds a run (its files are left as they were); drop "
                           f"hydra.run.dir to get a fresh folder, or resume that run: hydra.run.dir={out} "
                           "ckpt_path=last")
-    marker.mkdir(parents=True, exist_ok=True)
+    try:
+        marker.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the run folder {out} ({err.strerror}); give a writable "
+                          "hydra.run.dir") from None
     if (out / ".hydra").is_dir():
         shutil.copytree(out / ".hydra", marker / "hydra", dirs_exist_ok=True)
 

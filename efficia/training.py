@@ -19,8 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from efficia.checks import check_run_config, config_errors
-from efficia.errors import TrainingError
+from efficia.checks import check_fits, check_run_config, config_errors
+from efficia.errors import ConfigError, TrainingError
 from efficia.module import LanguageModule
 from efficia.reliability import AtomicCheckpointIO, GracefulStop, RNGState, find_checkpoint_callback
 from efficia.resume import check_resumable, checkpoint_dir, claim_run_dir, resolve_ckpt_path, resume_command
@@ -50,6 +50,12 @@ def build_loggers(logger_cfg: DictConfig | None) -> list:
     for name, spec in (logger_cfg or {}).items():
         if spec is None:
             continue
+        if spec.get("save_dir"):
+            try:  # loggers create their folders lazily, deep inside fit: find out now
+                Path(spec.save_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"logger.{name}.save_dir={spec.save_dir} cannot be created ({err.strerror}); "
+                                  "give a writable folder") from None
         if name == "wandb" and not spec.get("offline") and (
                 os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled") or not wandb_logged_in()):
             spec = OmegaConf.merge(spec, {"offline": True})
@@ -66,6 +72,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with config_errors("config"):
         plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     check_run_config(plain_cfg)
+    check_fits(plain_cfg, LanguageModule.LOGGED)
     output_dir = Path(cfg.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg))
     claim_run_dir(output_dir, ckpt_path)

@@ -164,7 +164,11 @@ class ShakespeareDataModule(L.LightningDataModule):
             ids = np.fromfile(cache_file, dtype=dtype)
         else:
             ids = np.asarray(self.tokenizer.encode(text), dtype=dtype)
-            atomic_write_bytes(cache_file, ids.tobytes())
+            try:
+                atomic_write_bytes(cache_file, ids.tobytes())
+            except OSError as err:
+                raise DataError(f"cannot write the token cache {cache_file} ({err.strerror}); point data.cache_dir "
+                                "(or EFFICIA_CACHE_DIR) at a writable folder") from None
         return torch.from_numpy(ids.astype(np.int64))
 
     # -- Lightning hooks ---------------------------------------------------------------------
