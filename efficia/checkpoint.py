@@ -6,16 +6,15 @@ The run config and tokenizer state inside rebuild the model without the training
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from efficia.checks import check_sampling, is_int
 from efficia.data.tokenizers import Tokenizer, tokenizer_from_state
-from efficia.errors import CheckpointError
+from efficia.errors import CheckpointError, ConfigError
 from efficia.generate import generate_tokens
 from efficia.models import build_model
 from efficia.models.decoder import LanguageModel
@@ -30,8 +29,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                               "(e.g. outputs/<date>/<time>/checkpoints/last.ckpt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
-        reason = str(err).split(".")[0][:100] if str(err) else type(err).__name__
+    except Exception as err:  # noqa: BLE001 - any failure to parse an untrusted file means "not a checkpoint"
+        reason = str(err).splitlines()[0].split(".")[0][:100] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupted or not a torch "
                               f"file: {reason}); use a complete .ckpt written by train.py") from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
@@ -56,7 +55,7 @@ class LoadedModel:
         """The checkpoint's sampling preset with every non-None override applied."""
         unknown = set(overrides) - set(SAMPLING_KEYS)
         if unknown:
-            raise TypeError(f"unknown sampling option(s) {sorted(unknown)}; known: {', '.join(SAMPLING_KEYS)}")
+            raise ConfigError(f"unknown sampling option(s) {sorted(unknown)}; known: {', '.join(SAMPLING_KEYS)}")
         return {**self.sampling, **{k: v for k, v in overrides.items() if v is not None}}
 
     def generate(self, text: str, num_samples: int = 1, seed: int | None = None,
@@ -65,7 +64,11 @@ class LoadedModel:
 
         `on_text` receives the first sample's new text as it is produced (streaming).
         """
-        opts = self.options(**sampling)
+        opts = check_sampling(self.options(**sampling))
+        if not is_int(num_samples) or num_samples < 1:
+            raise ConfigError(f"num_samples={num_samples!r}: give a whole number >= 1")
+        if seed is not None and (not is_int(seed) or seed < 0):
+            raise ConfigError(f"seed={seed!r}: give a whole number >= 0, or null for a random one")
         ids = self.tokenizer.encode(text)
         if not ids:
             raise CheckpointError("the prompt is empty after tokenization; give at least one character")
@@ -101,6 +104,20 @@ def load(path: str | Path, device: str = "cpu") -> LoadedModel:
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit model={cfg['model'].get('name')} as configured "
                               f"inside the checkpoint ({str(err).splitlines()[0]})") from None
+    return LoadedModel(net.to(pick_device(device)).eval(), tokenizer, cfg)
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto`: CUDA when there is one; otherwise the named device, refused in one line if absent."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return LoadedModel(net.to(device).eval(), tokenizer, cfg)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:<n>") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device={device} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          "use device=cpu or device=auto")
+    if chosen.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r}: use auto, cpu, cuda or cuda:<n>")
+    return chosen

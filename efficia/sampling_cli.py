@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from efficia.checkpoint import SAMPLING_KEYS, LoadedModel, load
+from efficia.errors import ConfigError
 
 
 def write(text: str) -> None:
@@ -28,6 +29,12 @@ def sample_once(model: LoadedModel, prompt: str, cfg: DictConfig) -> list[str]:
 
 
 def sample(cfg: DictConfig) -> list[str]:
+    if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
+        raise ConfigError("no checkpoint given: python sample.py ckpt=outputs/<date>/<time>/checkpoints/last.ckpt "
+                          '(train.py prints the path) prompt="ROMEO:"')
+    for key in ("ckpt", "device"):
+        if not isinstance(cfg[key], str):
+            raise ConfigError(f"{key}={cfg[key]!r}: give a path/name as text")
     model = load(cfg.ckpt, device=cfg.device)
     if not cfg.interactive:
         return sample_once(model, str(cfg.prompt), cfg)

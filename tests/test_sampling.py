@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import efficia.generate as generate_module
+from efficia.errors import ConfigError
 from efficia.generate import (
     apply_repetition_penalty,
     apply_top_k,
@@ -99,9 +100,9 @@ def test_sampling_never_picks_a_filtered_token() -> None:
 
 def test_bad_sampling_values_are_clear_errors() -> None:
     logits, seen = torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ConfigError, match="temperature=-1: give a number >= 0"):
         next_token(logits, seen, temperature=-1, top_k=None, top_p=None, repetition_penalty=1.0)
-    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+    with pytest.raises(ConfigError, match="repetition_penalty=0: give a number > 0"):
         next_token(logits, seen, temperature=1, top_k=None, top_p=None, repetition_penalty=0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -199,11 +200,13 @@ def test_missing_data_is_one_clear_line(tmp_path: Path) -> None:
 
 def test_sample_cli_errors_are_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.ckpt"
-    bad.write_bytes(b"not a checkpoint")
-    for ckpt, message in ((tmp_path / "missing.ckpt", "does not exist"), (bad, "not a readable checkpoint")):
-        proc = cli("sample.py", f"ckpt={ckpt}")
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    bad.write_bytes(random.Random(0).randbytes(4096))
+    for args, message in (([f"ckpt={tmp_path / 'missing.ckpt'}"], "does not exist"),
+                          ([f"ckpt={bad}"], "not a readable checkpoint"), (["prompt=hi"], "no checkpoint given")):
+        proc = cli("sample.py", *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.strip().startswith("error:") and message in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_ddp_cpu_trains_with_two_processes(tmp_path: Path) -> None:
