@@ -172,7 +172,7 @@ def test_config_fuzz_is_success_or_one_clear_line(tmp_path: Path) -> None:
     """A seeded sample of group choices and bad values: each run succeeds or raises one clear line."""
     require_data()
     outcomes = []
-    for i, overrides in enumerate(fuzz_cases(16)):
+    for i, overrides in enumerate(fuzz_cases(10)):
         try:
             cfg = compose_run([*FAST, *overrides], tmp_path / f"run{i}")
         except (HydraException, OmegaConfBaseException) as err:  # Hydra's own one-line CLI message
@@ -186,7 +186,7 @@ def test_config_fuzz_is_success_or_one_clear_line(tmp_path: Path) -> None:
             outcomes.append((overrides, str(err)))
         except BaseException as err:  # noqa: BLE001
             pytest.fail(f"{overrides}: {type(err).__name__}: {err}")
-    assert sum(o == "ok" for _, o in outcomes) >= 2 and sum(o != "ok" for _, o in outcomes) >= 6, outcomes
+    assert sum(o == "ok" for _, o in outcomes) >= 2 and sum(o != "ok" for _, o in outcomes) >= 5, outcomes
 
 
 def test_train_cli_bad_values_are_one_line_exit_2(tmp_path: Path) -> None:
