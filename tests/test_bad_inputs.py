@@ -106,7 +106,7 @@ def test_sample_refuses_bad_inputs_in_one_line(ckpt: str, tmp_path: Path) -> Non
 FAST = ["debug=fast_dev_run", "logger=csv", "callbacks.progress_bar=null"]
 
 NAMED = {  # override -> the start of the line it must give
-    "model.dropout=1.5": "model: dropout probability has to be between 0 and 1",
+    "model.dropout=1.5": "model=gpt: dropout must be in [0, 1), got 1.5",
     "seed=abc": "seed='abc': give a whole number",
     "trainer.val_check_interval=0": "trainer.val_check_interval=0: give whole optimizer steps >= 1",
     "data.batch_size=0": "data.batch_size=0: give a whole number >= 1",

@@ -170,7 +170,7 @@ def start_train(tmp_path: Path, *overrides: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not path.is_file():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
