@@ -95,14 +95,24 @@ def test_split_windows_and_token_cache(tmp_path: Path) -> None:
         assert p.stat().st_size == 2 * (len(dm.train_tokens) if "train" in p.name else len(dm.val_tokens))
 
 
-def test_training_windows_are_random(tmp_path: Path) -> None:
+def test_training_windows_are_random_per_epoch_and_reproducible(tmp_path: Path) -> None:
+    """A seeded shuffle: random windows, a new order each epoch, the same order for the same seed."""
     require_data()
     dm = datamodule(tmp_path)
     dm.setup("fit")
-    torch.manual_seed(0)
-    a = next(iter(dm.train_dataloader()))[0]
-    b = next(iter(dm.train_dataloader()))[0]
-    assert not torch.equal(a, b)
+    loader = dm.train_dataloader()
+    first = list(loader.sampler)[:48]
+    assert first != sorted(first)
+    loader.sampler.set_epoch(1)
+    assert list(loader.sampler)[:48] != first
+    again = datamodule(tmp_path)
+    again.setup("fit")
+    assert list(again.train_dataloader().sampler)[:48] == first
+    other = datamodule(tmp_path, seed=1)
+    other.setup("fit")
+    assert list(other.train_dataloader().sampler)[:48] != first
+    x, _ = next(iter(loader))
+    assert x.shape == (4, 64)
 
 
 def test_gpt2_tokens_match_the_published_split(tmp_path: Path) -> None:
