@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from efficia.checks import check_fits, check_run_config, config_errors
 from efficia.errors import ConfigError, TrainingError
 from efficia.module import LanguageModule
-from efficia.reliability import AtomicCheckpointIO, GracefulStop, RNGState, find_checkpoint_callback
+from efficia.reliability import AtomicCheckpointIO, GracefulStop, RNGState, find_checkpoint_callback, weights_finite
 from efficia.resume import check_resumable, checkpoint_dir, claim_run_dir, resolve_ckpt_path, resume_command
 
 
@@ -102,6 +102,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         with stop:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if not weights_finite(module):  # e.g. EarlyStopping ended the run on a NaN val/loss: not a success
+            raise TrainingError(f"training diverged: the weights are not finite after step {trainer.global_step} "
+                                "(lower optimizer.lr, raise scheduler.warmup_steps or keep "
+                                "trainer.gradient_clip_val)")
     except SIGTERMException:  # Lightning's own SIGTERM path (a signal during validation): saved in on_exception
         raise stop.stopped(trainer.global_step, stop.saved_path) from None
     except TrainingError as err:

@@ -41,13 +41,13 @@ class SignalAt(Callback):
 
 
 class NaNAt(Callback):
-    """Test helper: poison the weights after a given step, as a diverging run would."""
+    """Test helper: the optimizer step that makes `step` leaves NaN weights, as a diverging run would."""
 
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        if trainer.global_step == self.step:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step + 1 == self.step:
             with torch.no_grad():
                 next(pl_module.net.parameters()).fill_(float("nan"))
 
@@ -243,20 +243,22 @@ def test_killing_a_save_never_leaves_a_broken_file(tmp_path: Path) -> None:
 # -- 3: NaN / Inf ------------------------------------------------------------------------------------
 
 def test_nonfinite_loss_stops_with_one_line_and_keeps_finite_checkpoints(make_cfg) -> None:
+    """Step 8 leaves NaN weights exactly when a periodic save and a validation are due: neither last.ckpt
+    nor "best" takes them; early stopping ends the run on the NaN val/loss, which must not look like success."""
     require_data()
-    cfg = make_cfg(*BASE, "trainer.max_steps=30", "trainer.val_check_interval=5",
+    cfg = make_cfg(*BASE, "trainer.max_steps=30", "trainer.val_check_interval=4",
                    "callbacks.checkpoint.every_n_steps=4", f"+callbacks.nan._target_={__name__}.NaNAt",
-                   "+callbacks.nan.step=6")
-    with pytest.raises(TrainingError, match=r"train/loss is nan at step 7: training diverged .*last one: "
-                                            r"\S+last\.ckpt") as info:
+                   "+callbacks.nan.step=8")
+    with pytest.raises(TrainingError, match=r"training diverged: the weights are not finite after step 8 .*"
+                                            r"last one: \S+last\.ckpt") as info:
         train(cfg)
     assert "\n" not in str(info.value)
     ckpts = Path(cfg.output_dir) / "checkpoints"
     last = torch.load(ckpts / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 5  # the last finite one; steps 6 (NaN weights at validation) not written
+    assert last["global_step"] == 4  # the last finite step; step 8 (NaN weights) was not written
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
     best = [p for p in ckpts.iterdir() if p.name.startswith("step")]
-    assert [p.name.split("-")[0] for p in best] == ["step000005"] and "nan" not in best[0].name
+    assert [p.name.split("-")[0] for p in best] == ["step000004"] and "nan" not in best[0].name
 
 
 def test_nonfinite_loss_skip_mode_skips_that_step_only(make_cfg, capsys) -> None:
