@@ -71,7 +71,7 @@ class LanguageModule(L.LightningModule):
         loss = losses.mean()
         self.tokens_seen += y.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/tokens", float(self.tokens_seen))
+        self.log("train/tokens", float(self.tokens_seen), prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
