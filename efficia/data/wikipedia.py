@@ -128,6 +128,7 @@ def held_out(docs, val_bytes: int) -> tuple[list[str], list[str]]:
 
 class PackedStream(IterableDataset):
     """One rank's training batches [B, T] (inputs, targets, position) from its share of the documents.
+    A worker's stream ends after `passes` passes over its documents (None: never).
 
     `start` maps a consumer slot to its saved state; `offset` rotates slots so that the first batch of a
     resumed DataLoader (always from worker 0) comes from the slot the interrupted run would have read next.
@@ -146,6 +147,13 @@ class PackedStream(IterableDataset):
         info = get_worker_info()
         return ((info.id if info else 0) + self.offset) % self.slots
 
+    def take_start(self) -> tuple[int, dict[str, Any] | None]:
+        """This consumer's slot and saved state; both apply to the first iteration only (a later Lightning
+        epoch, with data.passes set, starts the documents afresh)."""
+        slot = self.slot()
+        self.offset = 0
+        return slot, self.start.pop(slot, None)
+
     def consumer_docs(self, slot: int, epoch: int):
         """The documents of consumer (rank, slot): disjoint from every other consumer's, all together complete."""
         from datasets.distributed import split_dataset_by_node
@@ -161,10 +169,9 @@ class PackedStream(IterableDataset):
             yield from (d for d in block["id"] if d not in self.exclude)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
-        slot = self.slot()
+        slot, saved = self.take_start()
         consumer = self.rank * self.slots + slot
         tokenizer = tokenizer_from_state(self.tokenizer_state)
-        saved = self.start.get(slot)
         pos = json.loads(saved["meta"]) if saved else {"epoch": 0, "hf": None, "block": 0, "done": 0,
                                                        "lengths": [0] * self.batch_size}
         carry = np.frombuffer(saved["carry"], dtype=np.int32) if saved else np.zeros(0, dtype=np.int32)
