@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
+import efficia
 from efficia.config import compose_run
 from efficia.data.tokenizers import ByteTokenizer, build_tokenizer, tokenizer_from_state
 from efficia.data.wikipedia import WikipediaDataModule
@@ -131,7 +132,7 @@ class RecordBatches(Callback):
 
 def test_resumed_run_sees_exactly_the_tokens_of_an_uninterrupted_one(tmp_path: Path) -> None:
     common = ["data=wikipedia", "tokenizer=byte", "scale=tiny", "logger=csv", "data.num_workers=2",
-              "data.shuffle_buffer=8", "data.val_bytes=50000", "trainer.val_check_interval=3",
+              "data.shuffle_buffer=8", "data.val_bytes=50000", "data.batch_size=4", "trainer.val_check_interval=3",
               "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "callbacks.early_stopping=null",
               "callbacks.loss_curve=null", "+callbacks.record._target_=tests.test_wikipedia.RecordBatches"]
 
@@ -146,8 +147,12 @@ def test_resumed_run_sees_exactly_the_tokens_of_an_uninterrupted_one(tmp_path: P
     assert [len(p) for p in parts] == [3, 2]
     assert torch.equal(torch.cat(parts), whole), "the resumed run neither replays nor skips data"
     assert not torch.equal(whole[3], whole[4])
+    text = efficia.load(first["last_ckpt"]).generate("The ", max_new_tokens=8, seed=0)[0]  # byte tokens sample too
+    assert text.startswith("The ") and len(text.encode("utf-8", "replace")) >= 4
+    saved = torch.load(first["last_ckpt"], weights_only=True)["WikipediaDataModule"]  # loads without pickled code
+    other = instantiate(compose_run(common, tmp_path / "other").data, tokenizer={"kind": "byte"}, num_workers=0)
     with pytest.raises(DataError, match="same trainer.devices and data.num_workers"):
-        run("other", "trainer.max_steps=5", "data.num_workers=0", f"ckpt_path={first['last_ckpt']}")
+        other.load_state_dict(saved)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
