@@ -76,7 +76,7 @@ class LanguageModule(L.LightningModule):
             return self.non_finite(loss)
         self.tokens_seen += y.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/tokens", float(self.tokens_seen))
+        self.log("train/tokens", float(self.tokens_seen), prog_bar=True)
         return loss
 
     def non_finite(self, loss: Tensor) -> None:

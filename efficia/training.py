@@ -90,7 +90,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     n_params = module.net.num_params()
     rank_zero_only(print)(f"model={cfg.model.name}: {n_params:,} parameters ({n_params / 1e6:.2f}M); "
                           f"vocab {datamodule.tokenizer.vocab_size} ({datamodule.tokenizer.name}); "
-                          f"{len(datamodule.train_tokens):,} train / {len(datamodule.val_tokens):,} val tokens")
+                          + (datamodule.describe() if hasattr(datamodule, "describe")  # a stream has no length
+                             else f"{len(datamodule.train_tokens):,} train / {len(datamodule.val_tokens):,} val "
+                                  "tokens"))
     with config_errors("logger"):
         loggers = build_loggers(cfg.get("logger"))
     with config_errors("callbacks"):

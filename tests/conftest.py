@@ -24,6 +24,10 @@ os.environ.setdefault("EFFICIA_CACHE_DIR", tempfile.mkdtemp(prefix="efficia-test
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "EFFICIA_WIKIPEDIA_FILES" not in os.environ:  # data=wikipedia reads the local sample, never the hub
+    os.environ["EFFICIA_WIKIPEDIA_FILES"] = str(Path(os.environ.get("EFFICIA_DATA_DIR", SHARED_DATA))
+                                                / "wikipedia-sample" / "*.parquet")
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Tokenizers: `char` (vocabulary from the corpus, saved in the checkpoint) and `gpt2` (tiktoken).
+"""Tokenizers: `char` (vocabulary from the corpus, saved in the checkpoint), `gpt2` (tiktoken) and `byte`
+(UTF-8 bytes plus an end-of-text id: nothing to build, so it suits any stream).
 
 A tokenizer round-trips through `state()` / `tokenizer_from_state`, plain types only, so a
 checkpoint can rebuild it without the training data and load with `weights_only=True`.
@@ -16,6 +17,7 @@ from efficia.errors import TokenizerError
 
 class CharTokenizer:
     kind = "char"
+    eot: int | None = None  # no document separator: a char vocabulary is built from one corpus
 
     def __init__(self, chars: str) -> None:
         if len(set(chars)) != len(chars):
@@ -48,6 +50,9 @@ class CharTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
     def token_byte_lengths(self) -> torch.Tensor:
         return torch.tensor([len(ch.encode("utf-8")) for ch in self.chars], dtype=torch.float32)
 
@@ -75,6 +80,7 @@ class TiktokenTokenizer:
                 "(or tokenizer.cache_dir=) at a folder holding tiktoken's cached files"
             ) from None
         self.encoding = encoding
+        self.eot = self.enc.eot_token  # <|endoftext|>, written between documents of a stream
 
     @property
     def vocab_size(self) -> int:
@@ -87,18 +93,58 @@ class TiktokenTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Several documents at once, on tiktoken's thread pool."""
+        return self.enc.encode_ordinary_batch(texts)
+
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
 
     def token_byte_lengths(self) -> torch.Tensor:
-        return torch.tensor([len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)],
-                            dtype=torch.float32)
+        """UTF-8 bytes each token stands for; end-of-text separates documents and stands for no text: 0."""
+        lengths = torch.tensor([len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)],
+                               dtype=torch.float32)
+        lengths[self.eot] = 0.0
+        return lengths
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "encoding": self.encoding}
 
 
-Tokenizer = CharTokenizer | TiktokenTokenizer
+class ByteTokenizer:
+    """UTF-8 bytes 0..255 and one end-of-text id 256: any text, no vocabulary to build or store."""
+
+    kind = "byte"
+    eot = 256
+
+    @property
+    def vocab_size(self) -> int:
+        return 257
+
+    @property
+    def name(self) -> str:
+        return "byte"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        """Bytes that do not form valid UTF-8 (a sampled half character) decode as U+FFFD."""
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_byte_lengths(self) -> torch.Tensor:
+        lengths = torch.ones(self.vocab_size, dtype=torch.float32)
+        lengths[self.eot] = 0.0
+        return lengths
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+Tokenizer = CharTokenizer | TiktokenTokenizer | ByteTokenizer
 
 
 def build_tokenizer(cfg: dict[str, Any], corpus: str | None = None) -> Tokenizer:
@@ -110,7 +156,9 @@ def build_tokenizer(cfg: dict[str, Any], corpus: str | None = None) -> Tokenizer
         return CharTokenizer.from_text(corpus)
     if kind == "tiktoken":
         return TiktokenTokenizer(cfg["encoding"], cfg.get("cache_dir"))
-    raise TokenizerError(f"unknown tokenizer kind {kind!r}; use 'char' or 'tiktoken'")
+    if kind == "byte":
+        return ByteTokenizer()
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; use 'char', 'tiktoken' or 'byte'")
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
@@ -118,4 +166,6 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
         return CharTokenizer(state["chars"])
     if state.get("kind") == "tiktoken":
         return TiktokenTokenizer(state["encoding"])
+    if state.get("kind") == "byte":
+        return ByteTokenizer()
     raise TokenizerError(f"checkpoint holds an unknown tokenizer state: {state!r}")
