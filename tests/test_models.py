@@ -23,6 +23,7 @@ VOCAB = TINY_VOCAB
 # Flag variants that must keep the contract too (x-transformers' one-flag-one-test, per flag).
 VARIANTS: dict[str, list[tuple[str, ...]]] = {
     "gpt": [(), ("model.n_kv_head=1",), ("model.pos_emb=learned",)],
+    "optimus": [(), ("model.decode=expanded",), ("model.attention=gqa",), ("model.attention=gqa", "model.n_kv_head=1")],
     "yinggem": [(), ("model.n_kv_head=1",), ("model.window=3",)],
 }
 CASES = [(name, variant) for name in sorted(MODELS) for variant in VARIANTS.get(name, [()])]

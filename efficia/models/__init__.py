@@ -2,6 +2,7 @@
 
 from efficia.models import (
     gpt,  # noqa: F401  (registers "gpt")
+    optimus,  # noqa: F401  (registers "optimus")
     yinggem,  # noqa: F401  (registers "yinggem")
 )
 from efficia.models.decoder import Cache, DecoderLM, LanguageModel, Mixer, Step

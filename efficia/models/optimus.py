@@ -1,0 +1,99 @@
+"""`optimus`: Optimus Prime, a pre-norm SwiGLU decoder with DeepSeek-V2 multi-head latent attention.
+
+MLA (`attention: mla`): queries through a low-rank latent c_q = RMSNorm(x W_dq); keys and values through
+c_kv = RMSNorm(x W_dkv) of rank d_c = compression_ratio·d_model, up-projected per head; a decoupled RoPE
+part (per-head q_R, one k_R of width d_R shared by every head, rotated at absolute positions); scores
+scaled by 1/sqrt(d_h + d_R). Training runs the expanded path (per-head K/V, causal multi-head SDPA);
+decoding keeps ONLY c_kv and k_R per position ((d_c + d_R) numbers per layer, 0.27 of MHA's 2·d at the
+seed sizes) and runs the absorbed path, W_uk folded into the query and W_uv applied after attention,
+derived from the current weights at every call. (The seed fed one giant head to SDPA, dropped the causal
+mask in eval, cached its absorbed weights once and restarted RoPE at 0 when decoding.)
+
+`attention: gqa` swaps in the shared grouped-query attention with `n_kv_head` K/V heads, so the two
+compare by config. The shared pieces live in `latent.py` (MLA and MTLA) and `attention.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from efficia.models.attention import CausalSelfAttention
+from efficia.models.blocks import PreNormBlock, RMSNorm, SwiGLU, require
+from efficia.models.decoder import DecoderLM, Mixer, Step
+from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
+from efficia.models.registry import register
+
+
+class MultiHeadLatentAttention(Mixer):
+    """MLA as a mixer. `decode`: which path attends over the latent cache ("absorbed", or "expanded" to
+    compare against); the cache itself is the same (c_kv, k_R) either way."""
+
+    def __init__(self, d_model: int, n_head: int, d_c: int, d_q: int, d_rope: int, rope_theta: float,
+                 dropout: float, decode: str, norm_eps: float) -> None:
+        super().__init__()
+        require(n_head >= 1 and d_model % n_head == 0,
+                f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
+        require(decode in ("absorbed", "expanded"), f"optimus: decode must be 'absorbed' or 'expanded', got {decode!r}")
+        self.head_dim = d_model // n_head
+        self.d_c, self.d_rope, self.rope_theta = d_c, d_rope, rope_theta
+        self.dropout, self.absorbed_decoding = dropout, decode == "absorbed"
+        self.query = LatentQuery(d_model, n_head, self.head_dim, d_rope, d_q, norm_eps=norm_eps)
+        self.kv = LatentKV(d_model, d_c, d_rope, norm_eps=norm_eps)
+        self.heads = LatentHeads(n_head, d_c, self.head_dim)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.proj.is_residual_proj = True
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, step: Step, state: LatentState | None = None) -> Tensor:
+        B, T, C = x.shape
+        rope = step.rope(self.d_rope, self.rope_theta)  # absolute positions step.start .. start+T-1
+        q_c, q_r = self.query(x, rope)  # [B, H, T, D], [B, H, T, d_R]
+        c_kv, k_r = self.kv(x, rope)  # [B, T, d_c], [B, T, d_R]: all the cache keeps
+        absorbed = False
+        if state is not None:
+            c_kv, k_r = state.update(c_kv, k_r)  # [B, S, d_c], [B, S, d_R] for every position so far
+            absorbed = self.absorbed_decoding
+        dropout = self.dropout if self.training else 0.0
+        y = self.heads.attend(q_c, q_r, c_kv, k_r, absorbed=absorbed, is_causal=True, dropout=dropout)  # [B,H,T,D]
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # [B, T, C]
+
+    def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LatentState:
+        return LatentState(batch_size, self.d_c, self.d_rope, device, dtype)
+
+    def state_bytes(self, seq_len: int, dtype: torch.dtype) -> int:
+        return LatentState.nbytes(seq_len, self.d_c, self.d_rope, dtype)
+
+
+@register("optimus")
+class Optimus(DecoderLM):
+    """`compression_ratio` sets both latent ranks (d_c = d_q = ratio·d_model, as in the seed); `rope_dim`
+    the decoupled RoPE width (null: head_dim/2, DeepSeek-V2's choice); `n_kv_head` is read by
+    `attention: gqa` only."""
+
+    def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
+                 max_seq_len: int, dropout: float, attention: str, compression_ratio: float, rope_dim: int | None,
+                 rope_theta: float, decode: str, ffn_hidden: int, norm_eps: float,
+                 gradient_checkpointing: bool) -> None:
+        require(attention in ("mla", "gqa"), f"optimus: attention must be 'mla' or 'gqa', got {attention!r}")
+        require(n_head >= 1 and d_model % n_head == 0,
+                f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
+        d_latent = round(compression_ratio * d_model)
+        require(0 < compression_ratio and d_latent >= 1,
+                f"optimus: compression_ratio·d_model must give a latent rank >= 1, got {compression_ratio}·{d_model}")
+        d_rope = (d_model // n_head) // 2 if rope_dim is None else rope_dim
+        require(d_rope >= 2 and d_rope % 2 == 0, f"optimus: rope_dim must be even and >= 2, got {d_rope}")
+
+        def make_block(_: int) -> PreNormBlock:
+            if attention == "mla":
+                mixer = MultiHeadLatentAttention(d_model, n_head, d_latent, d_latent, d_rope, rope_theta, dropout,
+                                                 decode, norm_eps)
+            else:
+                mixer = CausalSelfAttention(d_model, n_head, n_kv_head, dropout, rope_theta=rope_theta)
+            return PreNormBlock(RMSNorm(d_model, eps=norm_eps), mixer, RMSNorm(d_model, eps=norm_eps),
+                                SwiGLU(d_model, ffn_hidden, dropout=dropout))
+
+        super().__init__(name="optimus", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
+                         max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,
+                         make_norm=lambda: RMSNorm(d_model, eps=norm_eps), learned_positions=False,
+                         tie_embeddings=True, bounded_context=True, gradient_checkpointing=gradient_checkpointing)
