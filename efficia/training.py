@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+import efficia.config  # noqa: F401  (registers the ${mixed_precision:} resolver recipes use)
 from efficia.checkpoint import read_checkpoint
 from efficia.errors import CheckpointError
 from efficia.module import LanguageModule

@@ -57,7 +57,9 @@ def write_external_table(path: Path, vocab_size: int = TINY_VOCAB, dim: int = 12
 
 
 # The adapter-on variant of the generic model tests points at this table.
-EXTERNAL_TABLE = write_external_table(Path(os.environ["EFFICIA_CACHE_DIR"]) / f"external-{TINY_VOCAB}x12.safetensors")
+# A fixed path (same content every time), so test ids are the same in every process.
+EXTERNAL_TABLE = write_external_table(
+    Path(tempfile.gettempdir()) / f"efficia-test-external-{TINY_VOCAB}x12.safetensors")
 
 
 def tiny_model_cfg(name: str, *overrides: str) -> dict:

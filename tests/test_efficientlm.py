@@ -75,6 +75,11 @@ def test_cache_holds_ceil_t_over_s_slots(s: int) -> None:
             if t % s:  # added into the last slot: the completed ones are untouched
                 torch.testing.assert_close(cache.layers[0].latent[:, :-1], before[:, :-1], atol=0, rtol=0)
     assert model.cache_bytes(1200 * s) == 1200 * model.cache_bytes(1) == model.cache_bytes(1200 * s - s + 1)
+    cache = model.new_cache(2)  # multi-token calls (a prompt, then chunks across chunk boundaries) keep the same
+    with torch.no_grad():
+        for a, b in ((0, 5), (5, 6), (6, 13), (13, model.max_seq_len)):
+            model(idx[:, a:b], cache=cache)
+            assert cache.layers[-1].latent.shape[1] == cache.layers[-1].rope_key.shape[1] == math.ceil(b / s)
 
 
 def test_down_rate_one_is_optimus_mla_on_the_same_weights() -> None:
@@ -197,3 +202,31 @@ def test_seed_sizes() -> None:
         model = build_model(OmegaConf.to_container(cfg.model, resolve=True), 50257)
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model, cfg.model.max_seq_len) == (12, 12, 768, 1024)
     assert model.num_params() / 1e6 == pytest.approx(122, abs=1.0)
+
+
+def test_seed_recipe(make_cfg) -> None:
+    """experiment=efficientlm_seed: seed sizes, GPT-2 tokens, constant 3e-4, wd 0.1, betas 0.9/0.95, clip 1.0,
+    bf16 autocast where bf16 runs (fp16 otherwise), whatever trainer preset is picked."""
+    from efficia.module import warmup_cosine
+
+    for trainer in ("cpu", "rtx3060"):
+        cfg = make_cfg("experiment=efficientlm_seed", f"trainer={trainer}")
+        assert (cfg.model.name, cfg.model.d_model, cfg.model.down_rate, cfg.tokenizer.encoding) == (
+            "efficientlm", 768, 2, "gpt2")
+        assert (cfg.optimizer.lr, list(cfg.optimizer.betas), cfg.optimizer.weight_decay) == (3e-4, [0.9, 0.95], 0.1)
+        assert cfg.trainer.gradient_clip_val == 1.0
+        want = "16-mixed" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16-mixed"
+        assert cfg.trainer.precision == want
+        lrs = {warmup_cosine(step, cfg.scheduler.warmup_steps, cfg.trainer.max_steps, cfg.scheduler.min_lr_ratio)
+               for step in (0, 1, cfg.trainer.max_steps // 2, cfg.trainer.max_steps)}
+        assert lrs == {1.0}
+
+
+def test_mixed_precision_falls_back_to_fp16_without_bf16(monkeypatch) -> None:
+    from efficia.config import mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert mixed_precision() == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert mixed_precision() == "bf16-mixed"
