@@ -12,6 +12,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+def mixed_precision() -> str:
+    """`${mixed_precision:}` in a config: bf16 autocast wherever bf16 runs (CPU, recent GPUs), fp16 autocast with
+    loss scaling on a GPU without bf16 (a recipe asking for "bf16, else fp16")."""
+    import torch
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "16-mixed"
+    return "bf16-mixed"
+
+
+OmegaConf.register_new_resolver("mixed_precision", mixed_precision, replace=True)
+
+
 def compose_run(overrides: list[str], output_dir: str | Path, config_name: str = "train") -> DictConfig:
     """The config `python train.py <overrides>` would get, with its output dir set to output_dir."""
     GlobalHydra.instance().clear()

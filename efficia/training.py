@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+import efficia.config  # noqa: F401  (registers the ${mixed_precision:} resolver recipes use)
 from efficia.checks import check_fits, check_run_config, config_errors
 from efficia.errors import ConfigError, TrainingError
 from efficia.module import LanguageModule

@@ -52,6 +52,25 @@ def require_data() -> None:
 TINY_VOCAB = 37
 
 
+def write_external_table(path: Path, vocab_size: int = TINY_VOCAB, dim: int = 12, seed: int = 0) -> Path:
+    """A frozen per-token external embedding table [vocab, dim] as a .safetensors file (efficientlm's
+    adapter source), written atomically so parallel test processes never read half a file."""
+    from safetensors.torch import save_file
+
+    if not path.is_file():
+        table = torch.randn(vocab_size, dim, generator=torch.Generator().manual_seed(seed))
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({"table": table}, str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
+# The adapter-on variant of the generic model tests points at this table.
+# A fixed path (same content every time), so test ids are the same in every process.
+EXTERNAL_TABLE = write_external_table(
+    Path(tempfile.gettempdir()) / f"efficia-test-external-{TINY_VOCAB}x12.safetensors")
+
+
 def tiny_model_cfg(name: str, *overrides: str) -> dict:
     """conf/model/<name>.yaml at scale=tiny (with its tiny model_scale), plus overrides such as "model.window=4"."""
     cfg = compose_run([f"model={name}", "scale=tiny", *overrides], tempfile.gettempdir())

@@ -17,11 +17,13 @@ from omegaconf import OmegaConf
 from efficia.config import compose_run
 from efficia.errors import ConfigError
 from efficia.models import MODELS, build_model
-from tests.conftest import CONF, ROOT, TINY_VOCAB, build_tiny
+from tests.conftest import CONF, EXTERNAL_TABLE, ROOT, TINY_VOCAB, build_tiny
 
 VOCAB = TINY_VOCAB
 # Flag variants that must keep the contract too (x-transformers' one-flag-one-test, per flag).
 VARIANTS: dict[str, list[tuple[str, ...]]] = {
+    "efficientlm": [(), ("model.down_rate=1",), ("model.down_rate=2",), ("model.down_rate=4",),
+                    (f"model.external.source={EXTERNAL_TABLE}",)],
     "gpt": [(), ("model.n_kv_head=1",), ("model.pos_emb=learned",)],
     "optimus": [(), ("model.decode=expanded",), ("model.attention=gqa",), ("model.attention=gqa", "model.n_kv_head=1")],
     "yinggem": [(), ("model.n_kv_head=1",), ("model.window=3",)],
