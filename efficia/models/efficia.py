@@ -124,19 +124,24 @@ class EfficiaMixer(Mixer):
         lcp = self.local(x, step, state)
         summaries = self.summarise(x, offset, state)  # [B, n_new, Cc]: segments completed in this call
         gmg = self.memory(x, summaries, offset, state)
-        # CCU: one GRU step per completed segment; segment s0 + j reads states[:, j]
-        h = state.gru.to(x.dtype) if state is not None else self.h0.to(x.dtype).expand(B, -1)
-        states = [h]
-        for j in range(summaries.shape[1]):
-            states.append(self.gru(summaries[:, j], states[-1]))
-        if state is not None:
-            state.gru = states[-1].detach().to(state.gru.dtype, copy=True)
-        seg = (offset + torch.arange(T, device=x.device)) // W  # [T]: segment of each token, from s0
-        ccu = self.ccu_out(torch.stack(states, dim=1))[:, seg]  # [B, T, C]
+        ccu = self.recurrent(summaries, offset, T, state)
         # FF: softmax over the three streams at every position
         w = torch.softmax(self.fuse(x), dim=-1)  # [B, T, 3]
         fused = w[..., :1] * lcp + w[..., 1:2] * gmg + w[..., 2:] * ccu
         return self.dropout(self.proj(fused))
+
+    def recurrent(self, summaries: Tensor, offset: int, T: int, state: EfficiaState | None) -> Tensor:
+        """CCU: one GRUCell step per completed segment (a loop over segments, never over tokens);
+        the tokens of segment s read the state after segment s-1 -> [B, T, C]."""
+        B = summaries.shape[0]
+        h = state.gru.to(summaries.dtype) if state is not None else self.h0.to(summaries.dtype).expand(B, -1)
+        states = [h]  # states[j]: after segment s0 + j - 1
+        for j in range(summaries.shape[1]):
+            states.append(self.gru(summaries[:, j], states[-1]))
+        if state is not None:
+            state.gru = states[-1].detach().to(state.gru.dtype, copy=True)
+        seg = (offset + torch.arange(T, device=summaries.device)) // self.window  # [T]: segment - s0
+        return self.ccu_out(torch.stack(states, dim=1))[:, seg]  # [B, T, C]
 
     def local(self, x: Tensor, step: Step, state: EfficiaState | None) -> Tensor:
         """LCP: causal depthwise conv (positions), then sliding-window linear attention."""
@@ -146,7 +151,10 @@ class EfficiaMixer(Mixer):
         xp = torch.cat((past, x), dim=1)  # [B, K-1+T, C]
         if state is not None and K > 1:
             state.conv = xp[:, -(K - 1):].detach().to(state.conv.dtype, copy=True)
-        xc = F.conv1d(xp.transpose(1, 2), self.conv.to(x.dtype), groups=C).transpose(1, 2)  # [B, T, C]
+        if T == 1:  # decoding: a weighted sum of the last K inputs (conv1d's setup costs more)
+            xc = (xp * self.conv[:, 0].t().to(x.dtype)).sum(dim=1, keepdim=True)  # [B, 1, C]
+        else:
+            xc = F.conv1d(xp.transpose(1, 2), self.conv.to(x.dtype), groups=C).transpose(1, 2)  # [B, T, C]
         q, k, v = self.lcp_qkv(xc).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
         q, k = feature_map(q), feature_map(k)
         if state is not None:
