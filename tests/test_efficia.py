@@ -107,10 +107,21 @@ def test_each_summary_pools_exactly_its_own_segment():
         assert touched == list(range(s * W, (s + 1) * W)), f"summary {s} pooled positions {touched}"
 
 
+def trained_like(model):
+    """The tiny model with its zero-initialised pooling scores and initial state set at random, so the
+    pooling weights differ within a segment (at init they are uniform) and every carried sum matters."""
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mixer.pool.normal_(0, 2.0)
+            block.mixer.h0.normal_()
+    return model.eval()
+
+
 def test_fifo_keeps_the_last_mem_size_summaries_in_order():
     """After more than mem_size segments the FIFO holds exactly the memory keys/values of the last
     mem_size completed segments, oldest first (checked against the same segments summarised at once)."""
-    model = build_tiny("efficia").eval()
+    model = trained_like(build_tiny("efficia"))
     T = 6 * W + 3
     idx = torch.randint(model.tok_emb.num_embeddings, (2, T), generator=torch.Generator().manual_seed(7))
     inputs = {}
@@ -134,7 +145,7 @@ def test_fifo_keeps_the_last_mem_size_summaries_in_order():
 
 
 def test_decoding_runs_past_max_seq_len_at_constant_memory():
-    model = build_tiny("efficia").eval()
+    model = trained_like(build_tiny("efficia"))
     T = 3 * model.max_seq_len
     assert model.max_context is None
     idx = torch.randint(model.tok_emb.num_embeddings, (1, T), generator=torch.Generator().manual_seed(8))
@@ -149,7 +160,7 @@ def test_decoding_runs_past_max_seq_len_at_constant_memory():
 
 def test_state_carries_across_calls_like_one_forward():
     """A prompt that ends mid-segment, then chunks that end on and across boundaries."""
-    model = build_tiny("efficia").eval()
+    model = trained_like(build_tiny("efficia"))
     idx = torch.randint(model.tok_emb.num_embeddings, (2, 5 * W), generator=torch.Generator().manual_seed(9))
     cuts = [0, W - 3, W, 2 * W + 1, 2 * W + 2, 4 * W + 7, 5 * W]
     with torch.no_grad():
