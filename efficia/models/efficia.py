@@ -44,9 +44,10 @@ def window_linear_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Ten
 
         out_i = sum_j (q_i·k_j) v_j / sum_j (q_i·k_j),   0 <= i - j < window
 
-    Chunked, O(Tq·window): query chunk c (W queries) sees a 2W-wide slab of keys (an unfold view) under
-    one [W, 2W] band mask. Keys are zero-padded on the left to exactly W before the first query: a zero
-    feature adds nothing to either sum, so padding is exact. A ones column on v yields the normaliser.
+    Chunked, O(Tq·window): query chunk c (W queries) sees its own chunk under a causal [W, W] mask and
+    the previous chunk under the complementary strict mask. Keys are zero-padded on the left to exactly
+    W before the first query: a zero feature adds nothing to either sum, so padding is exact. A ones
+    column on v yields the normaliser.
     """
     q_len, k_len, W = q.shape[-2], k.shape[-2], window
     ones = torch.ones_like(v[..., :1])
@@ -57,16 +58,13 @@ def window_linear_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Ten
     keep = min(k_len - q_len, W)  # history before the first query that can still be seen
     n = -(-q_len // W)
     pad_end = n * W - q_len
-    k = F.pad(k[..., k_len - q_len - keep:, :], (0, 0, W - keep, pad_end))  # [B, H, W + n·W, D]
-    v = F.pad(v[..., k_len - q_len - keep:, :], (0, 0, W - keep, pad_end))
     B, H, _, D = q.shape
-    q = F.pad(q, (0, 0, 0, pad_end)).view(B, H, n, W, D)  # [B, H, n, W, D]
-    k = k.unfold(2, 2 * W, W).transpose(-1, -2)  # [B, H, n, 2W, D]
-    v = v.unfold(2, 2 * W, W).transpose(-1, -2)  # [B, H, n, 2W, D+1]
-    r = torch.arange(W, device=q.device)[:, None]
-    s = torch.arange(2 * W, device=q.device)[None, :]
-    band = ((s > r) & (s <= r + W)).to(q.dtype)  # [W, 2W]: slab key s is position r - W + s of the chunk
-    out = ((q @ k.transpose(-1, -2)) * band) @ v  # [B, H, n, W, D+1]
+    k = F.pad(k[..., k_len - q_len - keep:, :], (0, 0, W - keep, pad_end)).view(B, H, n + 1, W, D)
+    v = F.pad(v[..., k_len - q_len - keep:, :], (0, 0, W - keep, pad_end)).view(B, H, n + 1, W, D + 1)
+    q = F.pad(q, (0, 0, 0, pad_end)).view(B, H, n, W, D)  # [B, H, n, W, D]: chunk c = key chunk c + 1
+    own = torch.ones(W, W, device=q.device, dtype=torch.bool).tril()  # [W, W]: key r' <= query r
+    out = (((q @ k[:, :, 1:].transpose(-1, -2)) * own) @ v[:, :, 1:]  # [B, H, n, W, D+1]
+           + ((q @ k[:, :, :-1].transpose(-1, -2)) * ~own) @ v[:, :, :-1])  # previous chunk: r' > r
     out = out[..., :-1] / (out[..., -1:] + EPS)
     return out.reshape(B, H, n * W, D)[..., :q_len, :]
 
