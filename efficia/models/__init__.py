@@ -1,6 +1,7 @@
 """Every architecture, registered by name. Importing this package registers them all."""
 
 from efficia.models import (
+    efficia,  # noqa: F401  (registers "efficia")
     efficientlm,  # noqa: F401  (registers "efficientlm")
     gpt,  # noqa: F401  (registers "gpt")
     optimus,  # noqa: F401  (registers "optimus")
