@@ -2,6 +2,7 @@
 
 from efficia.models import (
     gpt,  # noqa: F401  (registers "gpt")
+    lumenspark,  # noqa: F401  (registers "lumenspark")
     yinggem,  # noqa: F401  (registers "yinggem")
 )
 from efficia.models.decoder import Cache, DecoderLM, LanguageModel, Mixer, Step
