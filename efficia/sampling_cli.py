@@ -6,7 +6,8 @@ import sys
 
 from omegaconf import DictConfig
 
-from efficia.checkpoint import SAMPLING_KEYS, LoadedModel, load
+from efficia.checkpoint import SAMPLING_KEYS, LoadedModel
+from efficia.pretrained import load_any
 
 
 def write(text: str) -> None:
@@ -28,7 +29,7 @@ def sample_once(model: LoadedModel, prompt: str, cfg: DictConfig) -> list[str]:
 
 
 def sample(cfg: DictConfig) -> list[str]:
-    model = load(cfg.ckpt, device=cfg.device)
+    model = load_any(cfg.ckpt, device=cfg.device)  # a .ckpt file or an exported folder
     if not cfg.interactive:
         return sample_once(model, str(cfg.prompt), cfg)
     texts: list[str] = []
