@@ -2,5 +2,6 @@
 
 from efficia.checkpoint import LoadedModel, load
 from efficia.errors import EfficiaError
+from efficia.pretrained import from_pretrained, save_pretrained
 
-__all__ = ["EfficiaError", "LoadedModel", "load"]
+__all__ = ["EfficiaError", "LoadedModel", "from_pretrained", "load", "save_pretrained"]

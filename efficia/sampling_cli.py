@@ -6,8 +6,9 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from efficia.checkpoint import SAMPLING_KEYS, LoadedModel, load
+from efficia.checkpoint import SAMPLING_KEYS, LoadedModel
 from efficia.errors import ConfigError
+from efficia.pretrained import load_any
 
 
 def write(text: str) -> None:
@@ -35,7 +36,7 @@ def sample(cfg: DictConfig) -> list[str]:
     for key in ("ckpt", "device"):
         if not isinstance(cfg[key], str):
             raise ConfigError(f"{key}={cfg[key]!r}: give a path/name as text")
-    model = load(cfg.ckpt, device=cfg.device)
+    model = load_any(cfg.ckpt, device=cfg.device)  # a .ckpt file or an exported folder
     if not cfg.interactive:
         return sample_once(model, str(cfg.prompt), cfg)
     texts: list[str] = []

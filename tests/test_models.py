@@ -28,6 +28,8 @@ VARIANTS: dict[str, list[tuple[str, ...]]] = {
     "gpt": [(), ("model.n_kv_head=1",), ("model.pos_emb=learned",)],
     "optimus": [(), ("model.decode=expanded",), ("model.attention=gqa",), ("model.attention=gqa", "model.n_kv_head=1")],
     "yinggem": [(), ("model.n_kv_head=1",), ("model.window=3",)],
+    "lumenspark": [(), ("model.block=5", "model.k_per_block=3"),
+                   ("model.block=4", "model.k_per_block=1", "model.n_kv_head=null")],
 }
 CASES = [(name, variant) for name in sorted(MODELS) for variant in VARIANTS.get(name, [()])]
 CASE_IDS = [f"{name}[{' '.join(v) or 'default'}]" for name, v in CASES]
@@ -50,9 +52,13 @@ def test_every_registered_model_has_a_yaml(name: str) -> None:
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_causal(case, mode: str) -> None:
-    """Changing tokens from position j on never changes logits before j, at every length tried."""
     name, variant = case
-    model = build_tiny(name, *variant)
+    assert_causal(build_tiny(name, *variant), name, mode)
+
+
+def assert_causal(model: torch.nn.Module, name: str, mode: str) -> None:
+    """Changing tokens from position j on never changes logits before j, at every length tried.
+    (Also run on a deliberately non-causal model, tests/test_lumenspark.py, to show it catches a leak.)"""
     model.train(mode == "train")
     max_len = model.max_seq_len
     gen = torch.Generator().manual_seed(1)

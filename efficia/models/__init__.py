@@ -4,6 +4,7 @@ from efficia.models import (
     efficia,  # noqa: F401  (registers "efficia")
     efficientlm,  # noqa: F401  (registers "efficientlm")
     gpt,  # noqa: F401  (registers "gpt")
+    lumenspark,  # noqa: F401  (registers "lumenspark")
     optimus,  # noqa: F401  (registers "optimus")
     yinggem,  # noqa: F401  (registers "yinggem")
 )

@@ -1,0 +1,239 @@
+"""`lumenspark`: a block-causal Linformer LM (the seed's Linformer, made causal).
+
+Linformer compresses keys and values along the sequence (K' = E K). Over the whole sequence every
+compressed key mixes future tokens, and masking the scores cannot undo that (the seed had no mask at
+all). Here the sequence is cut into blocks of `block` tokens and only a *completed* block is
+compressed, to `k_per_block` slots by E (keys) and F (values), learned and shared by every block:
+
+    tokens   | b0 ........ | b1 ........ | b2 ...q      (block = 8, k_per_block = 2)
+    query q sees   [E·K(b0)]     [E·K(b1)]    exact K of b2 up to q (causal)
+                   2 slots       2 slots      <= 8 tokens
+
+So a query attends over `block + (its block index)·k_per_block` keys: O(T·(block + T/block·k_per_block))
+time and memory, no T×T mask. Training runs one SDPA call over all blocks at once ([block,
+n_slots + block] mask per block). Decoding keeps the current block's exact K/V and the compressed
+slots of the completed blocks (`BlockLinformerState`).
+
+Around the mixer, as the seed: low-rank query projection (`LowRankLinear`, W ≈ U·V), a factorised
+GELU feed-forward, RMSNorm, learned token + position embeddings, untied head. Unlike the seed the
+blocks are pre-norm (the shared `PreNormBlock`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from efficia.models.blocks import PreNormBlock, RMSNorm, require
+from efficia.models.decoder import DecoderLM, Mixer, Step
+from efficia.models.registry import register
+
+
+class LowRankLinear(nn.Module):
+    """x -> up(down(x)): a rank-`rank` factorisation of an in×out matrix ((in + out)·rank parameters).
+
+    `down` starts at N(0, 1/rank) and keeps it (`keep_init`), `up` gets the model's init, so the
+    product starts with the same per-entry std as a plain linear layer."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 residual: bool = False) -> None:
+        super().__init__()
+        require(rank >= 1, f"LowRankLinear: rank must be >= 1, got {rank}")
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+        self.down.keep_init = True
+        self.up.is_residual_proj = residual
+        nn.init.normal_(self.down.weight, std=1 / math.sqrt(rank))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+
+class LowRankFeedForward(nn.Module):
+    """The seed's factorised feed-forward: low-rank down(gelu(low-rank up(x)))."""
+
+    def __init__(self, dim: int, hidden: int, rank: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc = LowRankLinear(dim, hidden, rank)
+        self.proj = LowRankLinear(hidden, dim, rank, residual=True)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+def pooling_projection(k_per_block: int, block: int) -> Tensor:
+    """[k_per_block, block]: slot i averages the i-th of k_per_block equal spans of the block (the
+    starting point of E and F, so a slot begins as a summary of a span rather than random noise)."""
+    span = torch.arange(block) * k_per_block // block  # the slot each token starts in
+    weights = (span[None, :] == torch.arange(k_per_block)[:, None]).float()
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def compress(x: Tensor, proj: Tensor, block: int) -> Tensor:
+    """Completed blocks of x[B,Hkv,n·block,D] -> their slots [B,Hkv,n·k_per_block,D] (Linformer's E·K)."""
+    B, Hkv, T, D = x.shape
+    blocks = x.reshape(B, Hkv, T // block, block, D)  # [B, Hkv, n, block, D]
+    slots = torch.einsum("sj,bhnjd->bhnsd", proj.to(x.dtype), blocks)  # [B, Hkv, n, S, D]
+    return slots.reshape(B, Hkv, -1, D)  # [B, Hkv, n·S, D]
+
+
+def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, e: Tensor, f: Tensor, block: int,
+                           past_k: Tensor | None = None, past_v: Tensor | None = None,
+                           dropout: float = 0.0) -> Tensor:
+    """Block-causal Linformer attention for q[B,H,Tq,D] against k,v[B,Hkv,Tk,D], Tq <= Tk.
+
+    k, v start at a block boundary and the queries are their last Tq positions (bottom-right
+    aligned, as in a cached call). A query in block c sees: every `past` slot ([B,Hkv,P,D], from
+    blocks before k's first one), the slots of blocks 0..c-1 of k, and the exact keys of block c
+    up to itself. One SDPA call: the blocks are a batch dimension, each with a
+    [block, P + (n-1)·S + block] mask.
+    """
+    B, H, q_len, D = q.shape
+    Hkv, k_len, S = k.shape[1], k.shape[2], e.shape[0]
+    n = -(-k_len // block)
+    front, pad = k_len - q_len, n * block - k_len
+    q = F.pad(q, (0, 0, front, pad))  # dummy queries before (< one block) and after (padding)
+    k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+    # slots of blocks 0..n-2 (the last block is nobody's earlier block here)
+    slots_k, slots_v = compress(k[:, :, :(n - 1) * block], e, block), compress(v[:, :, :(n - 1) * block], f, block)
+    if past_k is not None:
+        slots_k = torch.cat((past_k.to(k.dtype), slots_k), dim=2)  # [B, Hkv, P + (n-1)·S, D]
+        slots_v = torch.cat((past_v.to(v.dtype), slots_v), dim=2)
+    n_past = slots_k.shape[2] - (n - 1) * S
+    ctx = slots_k.shape[2]
+
+    def per_block(own: Tensor, slots: Tensor) -> Tensor:
+        own = own.reshape(B, Hkv, n, block, D).transpose(1, 2)  # [B, n, Hkv, block, D]
+        slots = slots[:, None].expand(B, n, Hkv, ctx, D)  # [B, n, Hkv, ctx, D]
+        return torch.cat((slots, own), dim=3)  # [B, n, Hkv, ctx + block, D]
+
+    qb = q.reshape(B, H, n, block, D).transpose(1, 2)  # [B, n, H, block, D]
+    mask = block_causal_mask(n, block, S, n_past, q.device)  # [n, 1, block, ctx + block]
+    out = F.scaled_dot_product_attention(qb, per_block(k, slots_k), per_block(v, slots_v), attn_mask=mask,
+                                         dropout_p=dropout, enable_gqa=H != Hkv)  # [B, n, H, block, D]
+    out = out.transpose(1, 2).reshape(B, H, n * block, D)  # [B, H, n·block, D]
+    return out[:, :, front:front + q_len]
+
+
+def block_causal_mask(n: int, block: int, k_per_block: int, n_past: int, device: torch.device) -> Tensor:
+    """[n, 1, block, n_past + (n-1)·k_per_block + block], True where visible: every past slot, the slots
+    of earlier blocks, and the own block's keys causally."""
+    c = torch.arange(n, device=device)[:, None, None, None]  # the query's block
+    slot_block = torch.arange((n - 1) * k_per_block, device=device) // k_per_block
+    earlier = (slot_block < c).expand(n, 1, block, -1)  # [n, 1, block, (n-1)·S]
+    pos = torch.arange(block, device=device)
+    causal = (pos[None, :] <= pos[:, None]).expand(n, 1, block, block)
+    past = torch.ones(n, 1, block, n_past, dtype=torch.bool, device=device)
+    return torch.cat((past, earlier, causal), dim=-1)
+
+
+class BlockLinformerState:
+    """Decoding state: exact K/V of the current, incomplete block ([B, Hkv, < block, D]) and the
+    compressed slots of every completed block ([B, Hkv, completed·k_per_block, D])."""
+
+    def __init__(self, batch_size: int, n_kv_head: int, head_dim: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.slots_k = torch.zeros_like(self.k)
+        self.slots_v = torch.zeros_like(self.k)
+
+
+class BlockLinformerAttention(Mixer):
+    """Low-rank query projection, K/V projection (`n_kv_head` heads shared by groups of query heads),
+    block-causal Linformer attention with learned E, F [k_per_block, block], output projection."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int | None, block: int, k_per_block: int,
+                 q_rank: int, dropout: float = 0.0, bias: bool = False) -> None:
+        super().__init__()
+        n_kv_head = n_kv_head or n_head
+        require(n_head >= 1 and d_model % n_head == 0,
+                f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
+        require(1 <= n_kv_head <= n_head and n_head % n_kv_head == 0,
+                f"n_kv_head ({n_kv_head}) must divide n_head ({n_head}); set model.n_kv_head=null for MHA")
+        require(block >= 1 and 1 <= k_per_block <= block,
+                f"lumenspark: need block >= 1 and 1 <= k_per_block <= block, got block={block}, "
+                f"k_per_block={k_per_block}; set model.block / model.k_per_block")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        self.block, self.k_per_block, self.dropout = block, k_per_block, dropout
+        self.q = LowRankLinear(d_model, d_model, q_rank, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * n_kv_head * self.head_dim, bias=bias)
+        self.e = nn.Parameter(pooling_projection(k_per_block, block))  # keys:   block -> k_per_block
+        self.f = nn.Parameter(pooling_projection(k_per_block, block))  # values: block -> k_per_block
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.proj.is_residual_proj = True
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, T, D] through the low-rank projection; k, v [B, Hkv, T, D]."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k, v = self.kv(x).view(B, T, 2, Hkv, D).permute(2, 0, 3, 1, 4)  # 2 x [B, Hkv, T, D]
+        return q, k, v
+
+    def out(self, y: Tensor) -> Tensor:
+        """y [B, H, T, D] -> the residual branch [B, T, C]."""
+        B, H, T, D = y.shape
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, H * D)))  # [B, T, C]
+
+    def forward(self, x: Tensor, step: Step, state: BlockLinformerState | None = None) -> Tensor:
+        q, k, v = self.qkv(x)
+        dropout = self.dropout if self.training else 0.0
+        if state is None:
+            return self.out(block_causal_attention(q, k, v, self.e, self.f, self.block, dropout=dropout))
+        return self.out(self._decode(q, k, v, state, dropout))
+
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, state: BlockLinformerState, dropout: float) -> Tensor:
+        """Attend from the cache, then compress every block this call completed into the slots."""
+        k = torch.cat((state.k.to(k.dtype), k), dim=2)  # [B, Hkv, t + T, D]: from the current block's start
+        v = torch.cat((state.v.to(v.dtype), v), dim=2)
+        if k.shape[2] <= self.block and q.shape[2] == 1:  # one token: every cached key is visible, no mask
+            keys = torch.cat((state.slots_k.to(k.dtype), k), dim=2)
+            values = torch.cat((state.slots_v.to(v.dtype), v), dim=2)
+            y = F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1])
+        else:
+            y = block_causal_attention(q, k, v, self.e, self.f, self.block, state.slots_k, state.slots_v, dropout)
+        done = k.shape[2] // self.block * self.block
+        if done:
+            dtype = state.slots_k.dtype
+            state.slots_k = torch.cat((state.slots_k, compress(k[:, :, :done], self.e, self.block).to(dtype)), 2)
+            state.slots_v = torch.cat((state.slots_v, compress(v[:, :, :done], self.f, self.block).to(dtype)), 2)
+        state.k = k[:, :, done:].to(state.k.dtype).clone()  # a copy: do not keep the whole chunk alive
+        state.v = v[:, :, done:].to(state.v.dtype).clone()
+        return y
+
+    def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> BlockLinformerState:
+        return BlockLinformerState(batch_size, self.n_kv_head, self.head_dim, device, dtype)
+
+    def state_bytes(self, seq_len: int, dtype: torch.dtype) -> int:
+        positions = seq_len // self.block * self.k_per_block + seq_len % self.block
+        return 2 * self.n_kv_head * self.head_dim * positions * dtype.itemsize
+
+
+@register("lumenspark")
+class Lumenspark(DecoderLM):
+    """`rank` is the query projection's rank; the feed-forward is d -> ffn_hidden -> d through two
+    LowRankLinear of rank `ffn_rank`. `n_kv_head` 1 is the seed's single shared K/V head."""
+
+    def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
+                 max_seq_len: int, dropout: float, block: int, k_per_block: int, rank: int, ffn_hidden: int,
+                 ffn_rank: int, norm_eps: float, bias: bool, gradient_checkpointing: bool) -> None:
+        self.block, self.k_per_block = block, k_per_block
+
+        def make_block(_: int) -> PreNormBlock:
+            attention = BlockLinformerAttention(d_model, n_head, n_kv_head, block, k_per_block, rank, dropout, bias)
+            return PreNormBlock(RMSNorm(d_model, eps=norm_eps), attention, RMSNorm(d_model, eps=norm_eps),
+                                LowRankFeedForward(d_model, ffn_hidden, ffn_rank, dropout))
+
+        super().__init__(name="lumenspark", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
+                         max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,
+                         make_norm=lambda: RMSNorm(d_model, eps=norm_eps), learned_positions=True,
+                         tie_embeddings=False, bounded_context=True, gradient_checkpointing=gradient_checkpointing)
+
+    def structure(self) -> dict[str, int]:
+        return {"block": self.block}

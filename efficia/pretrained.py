@@ -1,0 +1,124 @@
+"""A trained model as a self-describing folder, for any registered architecture, without pickle:
+
+    out_dir/
+      config.json        {"format": "efficia-pretrained", "version": 1, "model": {name, sizes...},
+                          "vocab_size": V, "tokenizer": {...run config...}, "sampling": {...preset...}}
+      tokenizer.json     the tokenizer: {"kind": "char", "chars": "..."} or {"kind": "tiktoken", "encoding": "gpt2"}
+      model.safetensors  the weights; a tensor shared by several names (a tied head) is stored once
+
+`save_pretrained(ckpt_or_model, out_dir)` writes it (`python -m efficia.export ckpt=... out=...` from a
+shell), `from_pretrained(out_dir)` reads it back as the same `LoadedModel` that `efficia.load` gives,
+and `sample.py ckpt=<out_dir>` samples from it. JSON and safetensors run no code when read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from efficia.checkpoint import LoadedModel, load
+from efficia.data.tokenizers import tokenizer_from_state
+from efficia.errors import CheckpointError, EfficiaError
+from efficia.models import build_model
+
+FORMAT, VERSION = "efficia-pretrained", 1
+CONFIG, TOKENIZER, WEIGHTS = "config.json", "tokenizer.json", "model.safetensors"
+HOW_TO_FIX = "export it again with `python -m efficia.export ckpt=<run>.ckpt out=<dir>`"
+
+
+def save_pretrained(source: str | Path | LoadedModel, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write `source` (a checkpoint path or a loaded model) to `out_dir`; returns the folder.
+
+    The folder is written beside its destination and moved into place at the end, so an interrupted
+    export never leaves a half-written one. An existing non-empty folder is replaced only with
+    `overwrite=True`, and only if it is an efficia export itself (nothing else is ever deleted).
+    """
+    model = source if isinstance(source, LoadedModel) else load(source)
+    run = OmegaConf.to_container(model.cfg, resolve=True) if isinstance(model.cfg, DictConfig) else model.cfg
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise CheckpointError(f"{out} already exists and is not empty; choose another out= or pass "
+                                  "overwrite=true to replace an earlier export")
+        if not (out / CONFIG).is_file() or _read_json(out, CONFIG).get("format") != FORMAT:
+            raise CheckpointError(f"{out} exists and is not an efficia export; refusing to replace it. "
+                                  "Choose another out=")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config = {"format": FORMAT, "version": VERSION, "model": dict(run["model"]),
+                  "vocab_size": model.tokenizer.vocab_size,
+                  "tokenizer": {k: v for k, v in dict(run.get("tokenizer", {})).items() if k != "cache_dir"},
+                  "sampling": dict(model.sampling)}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / TOKENIZER).write_text(json.dumps(model.tokenizer.state(), indent=2, ensure_ascii=False) + "\n")
+        save_model(model.net, str(tmp / WEIGHTS), metadata={"format": "pt", "efficia_model": config["model"]["name"]})
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Rebuild model, tokenizer and sampling preset from a folder written by `save_pretrained`."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; pass the folder `python -m efficia.export` wrote")
+    config = _read_json(folder, CONFIG)
+    if config.get("format") != FORMAT or not all(isinstance(config.get(k), dict) for k in ("model", "sampling")):
+        raise CheckpointError(f"{folder / CONFIG} is not an efficia export config (no format/model/sampling); "
+                              f"{HOW_TO_FIX}")
+    try:
+        tokenizer = tokenizer_from_state(_read_json(folder, TOKENIZER))
+        net = build_model(config["model"], tokenizer.vocab_size)
+    except EfficiaError as err:
+        raise CheckpointError(f"{folder}: {err}") from None
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing; {HOW_TO_FIX}")
+    try:
+        load_model(net, str(weights), strict=True)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{weights} is corrupt or does not fit model={config['model'].get('name')} "
+                              f"as configured in {CONFIG} ({reason}); {HOW_TO_FIX}") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = {"model": config["model"], "tokenizer": config.get("tokenizer", {}), "sampling": config["sampling"]}
+    try:
+        return LoadedModel(net.to(device).eval(), tokenizer, cfg)
+    except KeyError as err:
+        raise CheckpointError(f"{folder / CONFIG}: the sampling preset lacks {err}; {HOW_TO_FIX}") from None
+
+
+def load_any(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """A checkpoint file (`efficia.load`) or an exported folder (`from_pretrained`)."""
+    return from_pretrained(path, device) if Path(path).expanduser().is_dir() else load(path, device)
+
+
+def _read_json(folder: Path, name: str) -> dict[str, Any]:
+    file = folder / name
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; {HOW_TO_FIX}")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}); {HOW_TO_FIX}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} should hold a JSON object; {HOW_TO_FIX}")
+    return data

@@ -1,0 +1,131 @@
+"""Lumenspark-specific tests: block-causal Linformer attention against a per-query reference, the
+compressed decoding state, and proof that the generic causality check catches a plain Linformer.
+
+The generic causality / cache-equals-forward / cache_bytes tests over the registry live in test_models.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from efficia.errors import ConfigError
+from efficia.models.lumenspark import BlockLinformerAttention, block_causal_attention, pooling_projection
+from tests.conftest import build_tiny
+from tests.test_models import assert_causal
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than they save (and a busy machine makes them slow)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_attention(q, k, v, e, f, block):
+    """One query at a time: the slots E·K, F·V of every completed earlier block, then the exact keys of
+    its own block up to itself; plain softmax. q[B,H,T,D], k,v[B,Hkv,T,D] (repeated to H heads)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    out = torch.empty_like(q)
+    for p in range(q.shape[2]):
+        c = p // block
+        slot_k = [e @ k[:, :, b * block:(b + 1) * block] for b in range(c)]
+        slot_v = [f @ v[:, :, b * block:(b + 1) * block] for b in range(c)]
+        keys = torch.cat([*slot_k, k[:, :, c * block:p + 1]], dim=2)
+        values = torch.cat([*slot_v, v[:, :, c * block:p + 1]], dim=2)
+        scores = q[:, :, p:p + 1] @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        out[:, :, p:p + 1] = scores.softmax(-1) @ values
+    return out
+
+
+@pytest.mark.parametrize(("T", "block", "slots", "kv_heads"), [(13, 4, 3, 2), (16, 4, 1, 4), (7, 8, 2, 1)])
+def test_block_causal_attention_equals_the_per_query_reference(T, block, slots, kv_heads) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, T, 8, generator=gen)
+    k, v = torch.randn(2, 2, kv_heads, T, 8, generator=gen)
+    e, f = torch.randn(2, slots, block, generator=gen)
+    torch.testing.assert_close(block_causal_attention(q, k, v, e, f, block),
+                               reference_attention(q, k, v, e, f, block), atol=1e-5, rtol=1e-5)
+
+
+def test_only_later_blocks_see_the_compressed_slots() -> None:
+    """E (keys) and F (values) reach every query after the first block, never one inside it."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 1, 2, 12, 4, generator=gen)
+    e = f = pooling_projection(2, 4)
+    base = block_causal_attention(q, k, v, e, f, 4)
+    for changed in (block_causal_attention(q, k, v, e + 0.5, f, 4), block_causal_attention(q, k, v, e, f + 0.5, 4)):
+        torch.testing.assert_close(changed[:, :, :4], base[:, :, :4])
+        assert not torch.allclose(changed[:, :, 4:], base[:, :, 4:])
+
+
+def test_pooling_projection_averages_equal_spans() -> None:
+    assert pooling_projection(2, 4).tolist() == [[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]
+    assert torch.allclose(pooling_projection(3, 7).sum(-1), torch.ones(3))
+
+
+def test_decoding_state_is_the_current_block_plus_slots() -> None:
+    """After 21 tokens with block 8 and 2 slots: 2 completed blocks -> 4 slots, and 5 exact positions."""
+    model = build_tiny("lumenspark").eval()
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(torch.randint(37, (1, 13)), cache=cache)
+        for _ in range(8):
+            model(torch.randint(37, (1, 1)), cache=cache)
+    state = cache.layers[0]
+    assert state.slots_k.shape[2] == state.slots_v.shape[2] == 4 and state.k.shape[2] == state.v.shape[2] == 5
+    # 32 tokens: 4 blocks -> 8 slots instead of 32 positions, a quarter of a full K/V cache
+    mixer = model.blocks[0].mixer
+    assert model.cache_bytes(32) == model.n_layer * 2 * mixer.n_kv_head * mixer.head_dim * 8 * 4
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    (("model.k_per_block=9",), "1 <= k_per_block <= block, got block=8, k_per_block=9"),
+    (("model.block=0",), "need block >= 1"),
+    (("model.rank=0",), "rank must be >= 1"),
+])
+def test_bad_lumenspark_settings_are_clear_errors(override, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_tiny("lumenspark", *override)
+
+
+class PlainLinformer(BlockLinformerAttention):
+    """The seed's attention: keys and values of the WHOLE sequence projected to k slots, no mask. Every
+    slot mixes future tokens, so this must fail the generic causality check."""
+
+    def __init__(self, mixer: BlockLinformerAttention, max_seq_len: int, k: int) -> None:
+        torch.nn.Module.__init__(self)
+        self.__dict__.update({n: getattr(mixer, n) for n in ("n_head", "n_kv_head", "head_dim", "dropout")})
+        self.q, self.kv, self.proj, self.resid_dropout = mixer.q, mixer.kv, mixer.proj, mixer.resid_dropout
+        self.e_full = torch.nn.Parameter(torch.randn(k, max_seq_len) / math.sqrt(max_seq_len))
+
+    def forward(self, x, step, state=None):
+        q, k, v = self.qkv(x)
+        e = self.e_full[:, :x.shape[1]]
+        k, v = e @ k, e @ v  # [B, Hkv, k, D]: a mix of all T positions
+        return self.out(F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1]))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_generic_causality_check_catches_a_plain_linformer(mode: str) -> None:
+    model = build_tiny("lumenspark")
+    for block in model.blocks:
+        block.mixer = PlainLinformer(block.mixer, model.max_seq_len, 8)
+    with pytest.raises(AssertionError, match="saw tokens at"):
+        assert_causal(model, "plain-linformer", mode)
+
+
+def test_lumenspark_experiment_is_the_seed_model_and_sampling_preset(make_cfg) -> None:
+    cfg = make_cfg("experiment=lumenspark_shakespeare")
+    model = cfg.model
+    assert (model.name, model.d_model, model.n_layer, model.n_head, model.max_seq_len) == ("lumenspark", 512, 6, 4, 512)
+    assert (model.block, model.k_per_block, model.dropout, cfg.tokenizer.encoding) == (64, 16, 0.1, "gpt2")
+    assert model.max_seq_len // model.block * model.k_per_block == 128  # the seed's k: 512 -> 128
+    s = cfg.sampling
+    assert (s.temperature, s.top_k, s.top_p, s.repetition_penalty) == (0.7, 50, 0.9, 1.2)
