@@ -46,7 +46,8 @@ def test_compare_small_sweeps_every_registered_model_on_one_budget() -> None:
         cfg = compose("train", overrides=["experiment=compare_small"], return_hydra_config=True)
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         sweep = parser.parse_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
-        swept = {o.get_key_element(): list(o.sweep_string_iterator()) for o in sweep}
+        swept = {o.get_key_element(): list(o.sweep_string_iterator()) if o.is_sweep_override()
+                 else [o.get_value_element_as_str()] for o in sweep}
         jobs = {name: compose("train", overrides=["experiment=compare_small", f"model={name}"])
                 for name in swept["model"]}
     assert cfg.hydra.mode.name == "MULTIRUN"
