@@ -17,7 +17,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from efficia.config import compose_run
 from efficia.models import MODELS
-from efficia.sweep import write_report
+from efficia.sweep import RECORD, write_report
+from efficia.training import train
 from tests.conftest import CONF, require_data
 from tests.test_train import cli
 
@@ -58,6 +59,20 @@ def test_compare_small_sweeps_every_registered_model_on_one_budget() -> None:
                j.model.d_model, j.model.n_layer) for j in jobs.values()}
     assert len(budget) == 1, budget  # same seed, tokens, data, tokenizer and scale for every architecture
     assert all(j.callbacks.early_stopping is None for j in jobs.values())  # nobody stops short of the budget
+
+
+def test_a_resumed_run_records_its_whole_history(make_cfg) -> None:
+    require_data()
+    common = ["debug=limit", "logger=csv", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
+    first = train(make_cfg(*common, "trainer.max_steps=4"))
+    cfg = make_cfg(*common, "trainer.max_steps=6", f"ckpt_path={first['last_ckpt']}")
+    train(cfg)
+    record = json.loads((Path(cfg.output_dir) / RECORD).read_text())
+    assert [(v["step"], v["tokens"]) for v in record["val"]] == [(s, s * 12 * 32) for s in (2, 4, 6)]
+    walls = [v["wall_s"] for v in record["val"]]
+    assert walls == sorted(walls) and record["wall_s"] >= walls[-1]  # wall time goes on from the first session
+    assert record["best_val_loss"] == min(v["loss"] for v in record["val"])
+    assert record["final_val_loss"] == record["val"][-1]["loss"] and record["steps"] == 6
 
 
 @pytest.mark.slow
