@@ -194,7 +194,7 @@ def markdown(rows: list[dict[str, Any]], sweep_dir: Path) -> str:
     cache = [f"cache KiB @{n}" for n in CACHE_LENGTHS]
     common = " ".join(common_overrides(rows))
     lines = [f"# Sweep {sweep_dir}", "", f"Every job: `{common or '(no overrides)'}`.", "",
-             f"{len(rows)} jobs, ranked by best val loss (nats/token); bpb at that validation. "
+             f"{len(rows)} job{'s' * (len(rows) != 1)}, ranked by best val loss (nats/token); bpb at that validation. "
              "Wall time is the whole fit (validation included); tokens/s is training only; "
              "cache = decoding-cache bytes for one sequence of that length.", "",
              "| job | its overrides | params (M) | steps | tokens (M) | best val loss | best val bpb | final val loss "
