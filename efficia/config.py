@@ -7,6 +7,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -23,6 +24,24 @@ def mixed_precision() -> str:
 
 
 OmegaConf.register_new_resolver("mixed_precision", mixed_precision, replace=True)
+
+def run_name(model: str) -> str:
+    """`${efficia.run_name:${model.name}}`: the model, then the job's overrides other than `model=`
+    (`gpt`, `yinggem:optimizer.lr=0.003,scale=tiny`), so W&B runs of a sweep are told apart by name."""
+    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    rest = [item for item in overrides.split(",") if item and not item.startswith("model=")]
+    return f"{model}:{','.join(rest)}" if rest else model
+
+
+def sweep_group() -> str | None:
+    """`${efficia.sweep_group:}`: the sweep directory for every job of a multirun (the W&B group), else null."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(HydraConfig.get().sweep.dir)
+
+
+OmegaConf.register_new_resolver("efficia.run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("efficia.sweep_group", sweep_group, replace=True)
 
 
 def compose_run(overrides: list[str], output_dir: str | Path, config_name: str = "train") -> DictConfig:

@@ -1,0 +1,257 @@
+"""Sweeps: each job records itself (RunRecord), the sweep writes one comparison report (SweepReport).
+
+A job's record is `<job dir>/run_record.json`: parameters, decoding-cache bytes, token budget, wall time,
+training tokens/s and every validation (step, tokens seen, wall time, loss, bpb). The report reads the
+records of every job under a sweep directory and writes `summary.csv`, `summary.md` and `summary.png`
+there, after each job (so an interrupted or failed sweep still has one) and at the end of the sweep.
+`python -m efficia.sweep <sweep dir>` rebuilds it by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+RECORD = "run_record.json"
+CACHE_LENGTHS = (1024, 8192)  # decoding-cache bytes are reported at these sequence lengths
+
+
+class RunRecord(Callback):
+    """Writes the job's record at the end of fit and puts its headline numbers in the W&B run summary.
+
+    Its history and elapsed time are part of the checkpoint, so a resumed run records its whole curve.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.path = Path(dirpath) / RECORD
+        self.val: list[dict[str, float]] = []
+        self.prior_wall_s = 0.0     # fit time of earlier sessions of this run (resume)
+        self.train_tokens = 0       # tokens in timed training intervals (batch end to batch end)
+        self.train_s = 0.0
+        self.fit_start: float | None = None
+        self.last_end: float | None = None
+
+    def wall_s(self) -> float:
+        return self.prior_wall_s + (time.perf_counter() - self.fit_start if self.fit_start is not None else 0.0)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fit_start = time.perf_counter()
+        update_wandb_summary(trainer, static_facts(pl_module))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self.last_end is not None:  # the first batch after a start or a validation is not timed
+            self.train_s += now - self.last_end
+            self.train_tokens += batch[0].numel() * trainer.world_size
+        self.last_end = now
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        tokens = float(getattr(pl_module, "tokens_seen", 0))
+        pl_module.log("val/tokens", tokens)  # lets a W&B panel plot val/loss against tokens seen
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_end = None
+        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+            return
+        m = trainer.callback_metrics
+        self.val.append({"step": trainer.global_step, "tokens": float(getattr(pl_module, "tokens_seen", 0)),
+                         "wall_s": self.wall_s(), "loss": float(m["val/loss"]),
+                         "bpb": float(m["val/bpb"]) if "val/bpb" in m else math.nan})
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        record = {**static_facts(pl_module), **self.summary(trainer, pl_module), "val": self.val}
+        update_wandb_summary(trainer, {k: v for k, v in record.items() if k != "val"})
+        self.write(record)
+
+    def summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        best = min(self.val, key=lambda v: v["loss"]) if self.val else None
+        last = self.val[-1] if self.val else None
+        return {
+            "steps": trainer.global_step,
+            "tokens": float(getattr(pl_module, "tokens_seen", 0)),
+            "wall_s": self.wall_s(),
+            "tokens_per_s": self.train_tokens / self.train_s if self.train_s > 0 else math.nan,
+            "best_val_loss": best["loss"] if best else math.nan,
+            "best_val_bpb": best["bpb"] if best else math.nan,  # bpb at the best-loss validation
+            "best_val_step": best["step"] if best else None,
+            "final_val_loss": last["loss"] if last else math.nan,
+            "final_val_bpb": last["bpb"] if last else math.nan,
+        }
+
+    @rank_zero_only
+    def write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(self.path)  # a reader never sees half a record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"val": self.val, "wall_s": self.wall_s()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.val = list(state_dict.get("val", []))
+        self.prior_wall_s = float(state_dict.get("wall_s", 0.0))
+
+
+def static_facts(pl_module: L.LightningModule) -> dict[str, Any]:
+    """What the architecture costs, independent of training: parameters and decoding-cache bytes."""
+    net = pl_module.net
+    return {"model": pl_module.cfg["model"]["name"], "params": net.num_params(),
+            **{f"cache_bytes@{n}": net.cache_bytes(n) for n in CACHE_LENGTHS}}
+
+
+@rank_zero_only
+def update_wandb_summary(trainer: L.Trainer, values: dict[str, Any]) -> None:
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            lg.experiment.summary.update(values)
+
+
+# -- the sweep report -----------------------------------------------------------------------------
+
+COLUMNS = ["job", "overrides", "model", "params", "steps", "tokens", "best_val_loss", "best_val_bpb",
+           "final_val_loss", "final_val_bpb", "wall_s", "tokens_per_s",
+           *(f"cache_bytes@{n}" for n in CACHE_LENGTHS), "status"]
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Every job directory of a sweep (the ones Hydra wrote `.hydra/overrides.yaml` into), in job order."""
+    def key(d: Path) -> tuple:
+        return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in d.relative_to(sweep_dir).parts)
+
+    return sorted((p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")), key=key)
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job: its overrides and its record, or a status saying why it has none."""
+    rows = []
+    for d in job_dirs(sweep_dir):
+        overrides = yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or []
+        row: dict[str, Any] = {"job": str(d.relative_to(sweep_dir)), "overrides": " ".join(overrides),
+                               "override_list": overrides}
+        record_path = d / RECORD
+        if record_path.is_file():
+            record = json.loads(record_path.read_text())
+            row.update({k: record.get(k) for k in COLUMNS if k in record})
+            row["status"] = "done"
+            row["val"] = record.get("val", [])
+        else:
+            row["status"] = "no record: failed, running, or run without callbacks.run_record"
+            row["val"] = []
+        rows.append(row)
+    common = set.intersection(*(set(r["override_list"]) for r in rows)) if len(rows) > 1 else set()
+    for r in rows:  # what tells this job from the others (the table and the plot legend show only this)
+        r["varies"] = " ".join(o for o in r["override_list"] if o not in common)
+    return rows
+
+
+def common_overrides(rows: list[dict[str, Any]]) -> list[str]:
+    varies = {o for r in rows for o in r["varies"].split()}
+    return [o for o in rows[0]["override_list"] if o not in varies] if rows else []
+
+
+def write_report(sweep_dir: str | Path) -> Path | None:
+    """summary.csv (job order), summary.md (ranked by best val loss) and summary.png in the sweep dir."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    if not rows:
+        return None
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, sweep_dir / "summary.png")
+    md = sweep_dir / "summary.md"
+    md.write_text(markdown(rows, sweep_dir))
+    return md
+
+
+def fmt(value: Any, spec: str, scale: float | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return format(value / scale if scale else value, spec)
+
+
+def markdown(rows: list[dict[str, Any]], sweep_dir: Path) -> str:
+    ranked = sorted(rows, key=lambda r: (r["status"] != "done", r.get("best_val_loss") or math.inf))
+    cache = [f"cache KiB @{n}" for n in CACHE_LENGTHS]
+    common = " ".join(common_overrides(rows))
+    lines = [f"# Sweep {sweep_dir}", "", f"Every job: `{common or '(no overrides)'}`.", "",
+             f"{len(rows)} job{'s' * (len(rows) != 1)}, ranked by best val loss (nats/token); bpb at that validation. "
+             "Wall time is the whole fit (validation included); tokens/s is training only; "
+             "cache = decoding-cache bytes for one sequence of that length.", "",
+             "| job | its overrides | params (M) | steps | tokens (M) | best val loss | best val bpb | final val loss "
+             f"| wall s | train tokens/s | {' | '.join(cache)} | status |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(cache) + "---|"]
+    for r in ranked:
+        cells = [r["job"], f"`{r['varies']}`" if r["varies"] else "", fmt(r.get("params"), ".3f", 1e6),
+                 fmt(r.get("steps"), "d"), fmt(r.get("tokens"), ".3f", 1e6), fmt(r.get("best_val_loss"), ".4f"),
+                 fmt(r.get("best_val_bpb"), ".4f"), fmt(r.get("final_val_loss"), ".4f"), fmt(r.get("wall_s"), ".0f"),
+                 fmt(r.get("tokens_per_s"), ",.0f"),
+                 *(fmt(r.get(f"cache_bytes@{n}"), ",.0f", 1024) for n in CACHE_LENGTHS), r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![val loss against steps, tokens and wall time](summary.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_spec = (("step", "step", 1.0), ("tokens", "tokens seen (M)", 1e6), ("wall_s", "wall time (s)", 1.0))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for r in rows:
+        if not r["val"]:
+            continue
+        label = f"{r['job']}: {r['varies']}" if r["varies"] else r["job"]
+        for ax, (key, _, scale) in zip(axes, axes_spec, strict=True):
+            ax.plot([v[key] / scale for v in r["val"]], [v["loss"] for v in r["val"]], "o-", markersize=3,
+                    label=label)
+    for ax, (_, xlabel, _) in zip(axes, axes_spec, strict=True):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val loss (nats/token)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) if handles else 0, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class SweepReport(HydraCallback):
+    """Hydra callback (conf/train.yaml `hydra.callbacks`): rewrites the sweep's report after each job and at the end."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            write_report(config.hydra.sweep.dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        md = write_report(config.hydra.sweep.dir)
+        if md is not None:
+            print(f"sweep report: {md} (+ summary.csv, summary.png)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        sys.exit("usage: python -m efficia.sweep <sweep dir>   (rebuilds summary.csv/.md/.png there)")
+    print(write_report(sys.argv[1]) or f"no jobs found under {sys.argv[1]}")
