@@ -238,7 +238,7 @@ def test_type_error_inside_a_constructor_is_not_called_a_yaml_problem(monkeypatc
 @pytest.mark.parametrize("override", ["model.n_head=3", "model.pos_emb=alibi", "+model.heads=2"])
 def test_bad_model_setting_through_the_cli_is_one_line(tmp_path, override: str) -> None:
     proc = subprocess.run([sys.executable, "train.py", "scale=tiny", "logger=csv", override,
-                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -136,6 +136,7 @@ def test_experiment_recipe(make_cfg) -> None:
         "optimus", "mla", 768, 8, 12)
     assert cfg.model.max_seq_len == 2048 and cfg.model.dropout == 0.15 and cfg.model.gradient_checkpointing
     assert (cfg.tokenizer.encoding, cfg.data.seq_len, cfg.data.batch_size) == ("gpt2", 64, 64)
+    assert cfg.data._target_.endswith("WikipediaDataModule")
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.trainer.gradient_clip_val) == (1e-3, 0.01, 1.0)
     assert cfg.scheduler.warmup_steps * 10 == cfg.trainer.max_steps
     assert (cfg.sampling.temperature, cfg.sampling.top_p) == (0.7, 0.9)

@@ -41,15 +41,16 @@ def test_run_names_tell_jobs_apart(tmp_path: Path) -> None:
     assert list(cfg.logger.wandb.tags) == ["yinggem"]
 
 
-def test_compare_small_sweeps_every_registered_model_on_one_budget() -> None:
+@pytest.mark.parametrize("preset", ["compare_small", "compare_wikipedia"])
+def test_compare_presets_sweep_every_registered_model_on_one_budget(preset: str) -> None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", overrides=["experiment=compare_small"], return_hydra_config=True)
+        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         sweep = parser.parse_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
         swept = {o.get_key_element(): list(o.sweep_string_iterator()) if o.is_sweep_override()
                  else [o.get_value_element_as_str()] for o in sweep}
-        jobs = {name: compose("train", overrides=["experiment=compare_small", f"model={name}"])
+        jobs = {name: compose("train", overrides=[f"experiment={preset}", f"model={name}"])
                 for name in swept["model"]}
     assert cfg.hydra.mode.name == "MULTIRUN"
     missing = sorted(set(MODELS) - set(swept["model"]))
@@ -59,6 +60,9 @@ def test_compare_small_sweeps_every_registered_model_on_one_budget() -> None:
                j.model.d_model, j.model.n_layer) for j in jobs.values()}
     assert len(budget) == 1, budget  # same seed, tokens, data, tokenizer and scale for every architecture
     assert all(j.callbacks.early_stopping is None for j in jobs.values())  # nobody stops short of the budget
+    expected = {"compare_small": ("char", "ShakespeareDataModule"),
+                "compare_wikipedia": ("tiktoken", "WikipediaDataModule")}
+    assert {(j.tokenizer.kind, j.data._target_.rsplit(".", 1)[1]) for j in jobs.values()} == {expected[preset]}
 
 
 def test_a_resumed_run_records_its_whole_history(make_cfg) -> None:
