@@ -11,6 +11,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
+# ${min:a,b} in yaml: e.g. an experiment's training length capped by the model's context, so a debug preset
+# that shrinks the model (scale=tiny) still composes a valid run.
+OmegaConf.register_new_resolver("min", min, replace=True)
+
 
 def compose_run(overrides: list[str], output_dir: str | Path, config_name: str = "train") -> DictConfig:
     """The config `python train.py <overrides>` would get, with its output dir set to output_dir."""
