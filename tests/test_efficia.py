@@ -16,13 +16,7 @@ from tests.conftest import build_tiny
 W, MEM = 8, 2  # conf/model_scale/efficia_tiny.yaml
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def naive_window_linear_attention(q, k, v, window):

@@ -17,14 +17,7 @@ from efficia.models.lumenspark import BlockLinformerAttention, block_causal_atte
 from tests.conftest import build_tiny
 from tests.test_models import assert_causal
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save (and a busy machine makes them slow)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def reference_attention(q, k, v, e, f, block):

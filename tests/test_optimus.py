@@ -19,12 +19,7 @@ from tests.conftest import ROOT, build_tiny
 VOCAB = 41
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def tiny(*overrides: str, seed: int = 0):

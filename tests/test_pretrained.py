@@ -28,12 +28,7 @@ from tests.conftest import ROOT, TINY_VOCAB, build_tiny, require_data
 CHARS = "".join(chr(c) for c in range(ord("a"), ord("a") + TINY_VOCAB))  # 37 distinct characters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def tiny_loaded(name: str, make_cfg) -> LoadedModel:

@@ -23,13 +23,7 @@ N_LAYER = 2
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save (and a busy machine makes them slow)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def dense_band_attention(q, k, v, window, dropout=0.0):

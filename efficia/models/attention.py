@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import apply_rope, attend, require, sliding_window_mask
+from efficia.models.blocks import apply_rope, attend, check_heads, require, sliding_window_mask
 from efficia.models.decoder import Mixer, Step
 
 try:  # torch >= 2.5
@@ -102,11 +102,7 @@ class CausalSelfAttention(Mixer):
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, dropout: float = 0.0,
                  bias: bool = False, rope_theta: float | None = 10000.0, window: int | None = None) -> None:
         super().__init__()
-        n_kv_head = n_kv_head or n_head
-        require(n_head >= 1 and d_model % n_head == 0,
-                f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
-        require(1 <= n_kv_head <= n_head and n_head % n_kv_head == 0,
-                f"n_kv_head ({n_kv_head}) must divide n_head ({n_head}); set model.n_kv_head=null for MHA")
+        n_kv_head = check_heads(d_model, n_head, n_kv_head)
         require(window is None or window >= 1, f"window must be >= 1, got {window}; set model.window")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
         self.rope_theta, self.window, self.dropout = rope_theta, window, dropout

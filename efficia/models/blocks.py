@@ -21,6 +21,16 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_heads(d_model: int, n_head: int, n_kv_head: int | None) -> int:
+    """Validate a head layout; returns the number of K/V heads (null n_kv_head = one per query head)."""
+    n_kv_head = n_kv_head or n_head
+    require(n_head >= 1 and d_model % n_head == 0,
+            f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
+    require(1 <= n_kv_head <= n_head and n_head % n_kv_head == 0,
+            f"n_kv_head ({n_kv_head}) must divide n_head ({n_head}); set model.n_kv_head=null for MHA")
+    return n_kv_head
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm: no mean subtraction, no bias (cheaper than LayerNorm)."""
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import PreNormBlock, RMSNorm, require
+from efficia.models.blocks import PreNormBlock, RMSNorm, check_heads, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.registry import register
 
@@ -153,11 +153,7 @@ class BlockLinformerAttention(Mixer):
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None, block: int, k_per_block: int,
                  q_rank: int, dropout: float = 0.0, bias: bool = False) -> None:
         super().__init__()
-        n_kv_head = n_kv_head or n_head
-        require(n_head >= 1 and d_model % n_head == 0,
-                f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
-        require(1 <= n_kv_head <= n_head and n_head % n_kv_head == 0,
-                f"n_kv_head ({n_kv_head}) must divide n_head ({n_head}); set model.n_kv_head=null for MHA")
+        n_kv_head = check_heads(d_model, n_head, n_kv_head)
         require(block >= 1 and 1 <= k_per_block <= block,
                 f"lumenspark: need block >= 1 and 1 <= k_per_block <= block, got block={block}, "
                 f"k_per_block={k_per_block}; set model.block / model.k_per_block")
