@@ -1,4 +1,4 @@
-"""Callbacks: the loss-curve PNG written at the end of fit, and tokens/s in the progress bar."""
+"""Callbacks: the loss-curve PNG, tokens/s and MFU, a validation of the final weights, and progress lines."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from efficia.throughput import compute_dtype, peak_flops, training_flops_per_token
 
 
 class LossCurve(Callback):
@@ -72,17 +74,31 @@ class LossCurve(Callback):
         self.val = [tuple(p) for p in state_dict.get("val", [])]
 
 
-class TokensPerSecond(Callback):
-    """Training throughput (all processes) in the progress bar and the logs, smoothed over steps.
+class Throughput(Callback):
+    """Training tokens/s (all processes) and MFU in the progress bar and the logs, smoothed over steps.
 
     Timed from one batch end to the next, so data loading counts and asynchronous GPU work is paid
-    for in steady state without forcing a sync; the clock restarts after each validation.
+    for in steady state without forcing a sync; the clock restarts after each validation. MFU divides
+    by measured numbers only (efficia.throughput): FLOPs counted for this model, the CPU's measured
+    matmul peak or the GPU's datasheet peak; where no peak is known, MFU is not logged.
     """
 
     def __init__(self, smoothing: float) -> None:
         self.smoothing = smoothing
         self.rate: float | None = None
         self.last_end: float | None = None
+        self.flops_per_token: float | None = None
+        self.peak: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cfg = pl_module.cfg
+        seq_len = cfg.get("data", {}).get("seq_len") or cfg["model"]["max_seq_len"]
+        self.flops_per_token = training_flops_per_token(cfg["model"], pl_module.tokenizer.vocab_size, seq_len)
+        dtype = compute_dtype(trainer.precision, pl_module.device.type)
+        self.peak, source = peak_flops(pl_module.device, dtype)
+        peak = f"peak {self.peak / 1e9:,.0f} GFLOP/s ({source})" if self.peak else f"no MFU: {source}"
+        rank_zero_info(f"throughput: {self.flops_per_token / 1e6:,.2f} MFLOP per token forward+backward "
+                       f"(counted at seq_len {seq_len}); {peak}")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -91,7 +107,84 @@ class TokensPerSecond(Callback):
             rate = batch[0].numel() * trainer.world_size / max(now - self.last_end, 1e-9)
             self.rate = rate if self.rate is None else self.smoothing * self.rate + (1 - self.smoothing) * rate
             pl_module.log("tok/s", self.rate, prog_bar=True)
+            if self.peak and self.flops_per_token:
+                pl_module.log("mfu", self.rate * self.flops_per_token / (self.peak * trainer.world_size),
+                              prog_bar=True)
         self.last_end = now
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.last_end = None
+
+
+class FinalValidation(Callback):
+    """`fit` ends with a validation of the final weights, whatever `val_check_interval` is, so `done:`,
+    the best checkpoint and the metric a sweep minimises all describe what was saved.
+
+    Setting `should_stop` on the last step is Lightning's own way (early stopping) to validate before
+    leaving the loop; a step that validates anyway still validates once.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+        elif trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs \
+                and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            trainer.should_stop = True
+
+
+class PlainProgress(ProgressBar):
+    """Progress as plain lines for logs, CI and nohup: a live bar there would print nothing until the end."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every = every
+        self.enabled = True
+        self.start: float | None = None
+        self.start_step = 0
+        self.printed_step = -1
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start, self.start_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        due = step % self.every == 0 or step == trainer.max_steps
+        if not (self.enabled and trainer.is_global_zero and due) or step == self.printed_step:
+            return
+        self.printed_step = step
+        metrics = trainer.progress_bar_metrics
+        parts = [f"step {step}" + (f"/{trainer.max_steps}" if trainer.max_steps > 0 else "")]
+        if "train/loss" in metrics:
+            parts.append(f"loss {metrics['train/loss']:.4f}")
+        if "tok/s" in metrics:
+            parts.append(f"{metrics['tok/s']:,.0f} tok/s")
+        if "mfu" in metrics:
+            parts.append(f"MFU {metrics['mfu']:.0%}")
+        done = step - self.start_step
+        if trainer.max_steps > 0 and done > 0 and self.start is not None:
+            left = (time.perf_counter() - self.start) / done * (trainer.max_steps - step)
+            parts.append(f"ETA {left // 60:.0f}m{left % 60:02.0f}s")
+        print(" | ".join(parts), flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self.enabled and trainer.is_global_zero) or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        if "val/loss" in metrics:
+            print(f"step {trainer.global_step}: val/loss {float(metrics['val/loss']):.4f}, "
+                  f"val/bpb {float(metrics.get('val/bpb', float('nan'))):.4f}", flush=True)
+
+
+def progress_bar(refresh_rate: int, plain_every: int) -> ProgressBar:
+    """A live Rich bar on a terminal; plain lines every `plain_every` steps when stdout is not one."""
+    if sys.stdout.isatty():
+        return RichProgressBar(refresh_rate=refresh_rate)
+    return PlainProgress(plain_every)

@@ -59,6 +59,9 @@ class LanguageModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_bpb = BitsPerByte()
         self.tokens_seen = 0
+        # one training window: Lightning's model summary counts its forward FLOPs (instead of "Total FLOPs: 0")
+        seq_len = cfg.get("data", {}).get("seq_len") or cfg["model"]["max_seq_len"]
+        self.example_input_array = torch.zeros(1, seq_len, dtype=torch.long)
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.net(idx)

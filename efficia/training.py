@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,35 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import efficia.config  # noqa: F401  (registers the ${mixed_precision:} resolver recipes use)
+from efficia.callbacks import FinalValidation
 from efficia.checks import check_fits, check_run_config, config_errors
 from efficia.errors import ConfigError, TrainingError
 from efficia.module import LanguageModule
 from efficia.reliability import AtomicCheckpointIO, GracefulStop, RNGState, find_checkpoint_callback, weights_finite
 from efficia.resume import check_resumable, checkpoint_dir, claim_run_dir, resolve_ckpt_path, resume_command
+
+LIGHTNING_NOISE = (  # lines about Lightning, not about the run
+    "💡 Tip:",                       # advertisements for Lightning's cloud products
+    "TPU available:", "HPU available:",
+    "was configured so 100% of the batches",  # Trainer(limit_val_batches=1.0) restated
+)
+
+
+class DropLightningNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in LIGHTNING_NOISE)
+
+
+def quiet_lightning() -> None:
+    """A default run prints its config, its progress and its results, not Lightning's tips or the
+    deprecation notices its internals raise against the installed torch."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, DropLightningNoise) for f in log.filters):
+            log.addFilter(DropLightningNoise())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning,
+                            module=r"lightning\.")
 
 
 @rank_zero_only
@@ -72,6 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit one run. Returns the final metrics and where its artifacts are."""
     with config_errors("config"):
         plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    quiet_lightning()
     check_run_config(plain_cfg)
     check_fits(plain_cfg, LanguageModule.LOGGED)
     output_dir = Path(cfg.output_dir)
@@ -100,7 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = build_callbacks(cfg.get("callbacks"))
     stop = GracefulStop(resume_command(output_dir))
     with config_errors("trainer"):
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stop, RNGState()],
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, FinalValidation(), stop, RNGState()],
                                          logger=loggers or False, plugins=[AtomicCheckpointIO()])
     try:
         with stop:

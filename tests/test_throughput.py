@@ -1,0 +1,157 @@
+"""Measured FLOPs and MFU, the validation of the final weights, plain progress lines, quiet Lightning."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from efficia.callbacks import PlainProgress, progress_bar
+from efficia.config import compose_run
+from efficia.models import MODELS, build_model
+from efficia.throughput import compute_dtype, gpu_peak, training_flops_per_token
+from efficia.training import train
+from tests.conftest import TINY_VOCAB, require_data, tiny_model_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def gpt_matmul_flops_per_token(cfg: dict, vocab_size: int, seq_len: int) -> int:
+    """By hand, for full causal attention without GQA: weights 2·(12·L·d² + V·d) per token forward
+    (q, k, v, proj, 4d MLP, tied head), attention 2·2·T·d per layer (QKᵀ and AV over the full T×T, as
+    SDPA's FLOP formula counts causal), backward twice the forward."""
+    d, n_layer = cfg["d_model"], cfg["n_layer"]
+    forward = 2 * (12 * n_layer * d * d + vocab_size * d) + 4 * n_layer * seq_len * d
+    return 3 * forward
+
+
+@pytest.mark.parametrize("seq_len", [16, 32])
+def test_measured_gpt_flops_match_the_hand_count(seq_len: int) -> None:
+    cfg = tiny_model_cfg("gpt")
+    measured = training_flops_per_token(cfg, TINY_VOCAB, seq_len)
+    assert measured == gpt_matmul_flops_per_token(cfg, TINY_VOCAB, seq_len)
+
+
+def test_flops_follow_the_architecture_not_a_formula() -> None:
+    """A full-attention model pays per token for every earlier position; a sliding window and a
+    segment-recurrent model do not, so their measured FLOPs per token stay flat as T grows."""
+    def growth(name: str, *overrides: str) -> float:
+        cfg = tiny_model_cfg(name, "model.max_seq_len=1024", *overrides)
+        return training_flops_per_token(cfg, TINY_VOCAB, 1024) / training_flops_per_token(cfg, TINY_VOCAB, 128)
+
+    assert growth("gpt") > 1.5
+    assert growth("yinggem") < 1.05
+    assert growth("efficia") < 1.1
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_counts_flops_on_the_meta_device(name: str) -> None:
+    per_token = training_flops_per_token(tiny_model_cfg(name), TINY_VOCAB, 32)
+    params = sum(p.numel() for p in build_model(tiny_model_cfg(name), TINY_VOCAB).parameters())
+    assert 2 * params < per_token < 12 * params + 1e6  # about 6 FLOPs per weight, plus attention
+
+
+def test_gpu_peaks_come_from_the_table() -> None:
+    assert gpu_peak("NVIDIA GeForce RTX 3060", "fp32") == pytest.approx(12.7e12)
+    assert gpu_peak("NVIDIA GeForce RTX 3060", "bf16") == pytest.approx(25.5e12)
+    assert gpu_peak("NVIDIA GeForce RTX 4090", "bf16") == pytest.approx(165.2e12)
+    assert gpu_peak("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)  # not the SXM figure
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert gpu_peak("Some Future GPU", "bf16") is None
+
+
+def test_compute_dtype_follows_the_precision_setting() -> None:
+    assert compute_dtype("32-true", "cpu") == "fp32"
+    assert compute_dtype("bf16-mixed", "cuda") == "bf16"
+    assert compute_dtype("bf16-true", "cpu") == "bf16"
+    assert compute_dtype("16-mixed", "cuda") == "fp16"
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert compute_dtype("32-true", "cuda") == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert compute_dtype("32-true", "cuda") == "fp32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def csv_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_logs_mfu_and_ends_by_validating_its_final_weights(make_cfg, capfd, caplog) -> None:
+    """7 steps with validation every 3: Lightning alone validates at 3 and 6 and ends at 7 unvalidated."""
+    require_data()
+    cfg = make_cfg("scale=tiny", "logger=csv", "trainer.max_steps=7", "trainer.val_check_interval=3",
+                   "trainer.limit_val_batches=4", "trainer.log_every_n_steps=1", "callbacks.progress_bar.plain_every=2")
+    result = train(cfg)
+    captured = capfd.readouterr()
+    out = captured.out
+    rows = csv_rows(Path(cfg.output_dir))
+    val_steps = [int(r["step"]) for r in rows if r.get("val/loss")]
+    assert val_steps == [2, 5, 6]  # Lightning's step column counts from 0: steps 3, 6 and the final 7
+    assert result["global_step"] == 7
+    final = [r for r in rows if r.get("val/loss")][-1]
+    assert result["metrics"]["val/loss"] == pytest.approx(float(final["val/loss"]))
+    assert f"done: 7 steps; val/loss {result['metrics']['val/loss']:.4f}" in out
+
+    # MFU is tokens/s x the counted FLOPs per token / the peak measured at start, on every logged step
+    flops = training_flops_per_token(cfg.model, 65, cfg.data.seq_len)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("throughput: "))
+    assert f"{flops / 1e6:,.2f} MFLOP per token" in line
+    peak = float(line.split("peak ")[1].split(" GFLOP/s")[0].replace(",", "")) * 1e9
+    logged = [r for r in rows if r.get("mfu")]
+    assert len(logged) >= 5
+    for r in logged:
+        assert float(r["mfu"]) == pytest.approx(float(r["tok/s"]) * flops / peak, rel=0.01)
+
+    # stdout is not a terminal under pytest: plain progress lines, no Lightning tips or internal deprecations
+    assert "step 2/7 | loss " in out and "step 7/7 | loss " in out and "tok/s | MFU " in out
+    assert "step 6: val/loss " in out
+    noise = out + captured.err + caplog.text
+    assert "Tip:" not in noise and "LeafSpec" not in noise and "TPU available" not in noise
+
+
+def test_the_final_validation_is_of_the_saved_weights(make_cfg) -> None:
+    """The returned val/loss is what a fresh validation of last.ckpt gives: what sweeps minimise is what was saved."""
+    require_data()
+    cfg = make_cfg("scale=tiny", "logger=csv", "trainer.max_steps=5", "trainer.val_check_interval=4",
+                   "trainer.limit_val_batches=3", "callbacks.checkpoint.every_n_steps=null")
+    result = train(cfg)
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from efficia.module import LanguageModule
+
+    module = LanguageModule.load_from_checkpoint(result["last_ckpt"], map_location="cpu", weights_only=False)
+    dm = instantiate(cfg.data, tokenizer={"kind": "char"})
+    check = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=3)
+    [fresh] = check.validate(module, datamodule=dm, verbose=False)
+    assert result["metrics"]["val/loss"] == pytest.approx(fresh["val/loss"], rel=1e-6)
+
+
+def test_progress_is_a_live_bar_only_on_a_terminal(monkeypatch) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    assert isinstance(progress_bar(refresh_rate=1, plain_every=10), PlainProgress)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert isinstance(progress_bar(refresh_rate=1, plain_every=10), RichProgressBar)
+
+
+def test_the_model_summary_counts_the_forward_flops_of_one_window(tmp_path: Path) -> None:
+    """Lightning's summary ran no forward ("Total FLOPs: 0"); with one training window as example input it
+    counts that window's forward FLOPs."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+    from omegaconf import OmegaConf
+
+    from efficia.module import LanguageModule
+
+    cfg = OmegaConf.to_container(compose_run(["scale=tiny"], tmp_path), resolve=True)
+    module = LanguageModule(cfg, {"kind": "char", "chars": "abcdefghij"})
+    seq_len, vocab = cfg["data"]["seq_len"], 10
+    assert ModelSummary(module).total_flops == seq_len * gpt_matmul_flops_per_token(cfg["model"], vocab, seq_len) // 3
