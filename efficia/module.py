@@ -108,8 +108,9 @@ class LanguageModule(L.LightningModule):
         self.val_loss.reset()
         self.val_bpb.reset()
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """Weight decay on matrices (dim >= 2) only; biases, norms and gains are not decayed."""
+    def optimizer_and_schedule(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        """Weight decay on matrices (dim >= 2) only; biases, norms and gains are not decayed. Also what
+        bench/overhead.py's bare loop uses, so both loops step the same optimizer."""
         opt_cfg = dict(self.cfg["optimizer"])
         weight_decay = opt_cfg.get("weight_decay", 0.0)
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -119,10 +120,13 @@ class LanguageModule(L.LightningModule):
         ]
         optimizer = instantiate(opt_cfg, groups)
         sched = self.cfg["scheduler"]
-        total = int(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, sched["warmup_steps"], total, sched["min_lr_ratio"])
+            optimizer, lambda step: warmup_cosine(step, sched["warmup_steps"], total_steps, sched["min_lr_ratio"])
         )
+        return optimizer, scheduler
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer, scheduler = self.optimizer_and_schedule(int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -72,7 +72,7 @@ class RunRecord(Callback):
             return
         m = trainer.callback_metrics
         self.val.append({"step": trainer.global_step, "tokens": float(getattr(pl_module, "tokens_seen", 0)),
-                         "wall_s": self.wall_s(), "loss": float(m["val/loss"]),
+                         "wall_s": self.wall_s(), "time": time.time(), "loss": float(m["val/loss"]),
                          "bpb": float(m["val/bpb"]) if "val/bpb" in m else math.nan})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
