@@ -3,11 +3,13 @@
     python bench/models.py scaling                       # fwd+bwd time and peak memory vs T, every model
     python bench/models.py cache                         # cache_bytes per token at T = 1024 and 8192 (seed sizes)
     python bench/models.py decode                        # decode tokens/s with the cache vs without, prefill time
+    python bench/models.py train                         # training tokens/s and MFU through the real Lightning loop
     python bench/models.py scaling "model=gpt" "model=yinggem model.window=64" --seq-lens 512 1024
 
 A run spec is one model's Hydra overrides (default: every registered model); each is composed from conf/
 exactly as train.py would (`--scale`, default small, plus `model.max_seq_len` large enough for the case).
-Results are printed as a Markdown table and written to bench/results/models-<axis>.json.
+Results are printed as a Markdown table and written to bench/results/models-<axis>.json and .csv (scaling
+also draws models-scaling.png).
 
 Memory (scaling): each (spec, T) runs in a fresh subprocess. On Linux the peak-RSS counter (VmHWM) is reset
 through /proc/self/clear_refs just before the measured pass and the peak is reported above the RSS at that
@@ -163,8 +165,78 @@ def decode(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[
     return header + lines, records
 
 
-AXES = {"scaling": scaling, "cache": cache, "decode": decode}
-DEFAULT_SCALE = {"scaling": "small", "cache": "seed", "decode": "small"}
+def train(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    """`--steps` real training steps per model (efficia.training.train, default callbacks, no validation
+    or checkpoints), tokens/s from batch end to batch end, MFU against this CPU's fp32 matmul peak
+    measured before and after, and FLOPs per token counted for each model (not 6N)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from bench.overhead import lightning_loop
+    from efficia.config import compose_run
+    from efficia.throughput import measure_cpu_peak, training_flops_per_token
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peaks, records = [measure_cpu_peak()], []
+    for spec in specs:
+        overrides = [f"scale={args.scale}", *spec.split()]
+        cfg = compose_run(overrides, ROOT / "outputs" / "bench")
+        flops = training_flops_per_token(OmegaConf.to_container(cfg.model, resolve=True), args.vocab,
+                                         cfg.data.seq_len)
+        rate = lightning_loop(overrides, args.steps, ROOT / "outputs" / "bench" / f"train-{len(records)}")
+        peaks.append(measure_cpu_peak())
+        records.append({"spec": spec, "tokens_per_s": rate, "flops_per_token": flops})
+    peak = statistics.median(peaks)
+    reference = records[0]["tokens_per_s"]
+    lines = []
+    for row in records:
+        row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
+        lines.append(f"| `{row['spec']}` | {row['flops_per_token'] / 1e6:.2f} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['tokens_per_s'] / reference:.2f}x | {row['mfu']:.0%} |")
+    header = [f"training through the Lightning loop, scale={args.scale}, {args.steps} steps, fp32, "
+              f"{torch.get_num_threads()} threads, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (median of "
+              f"{len(peaks)} measurements in this run)", "",
+              "| run | MFLOP/token (fwd+bwd, counted) | tokens/s | vs first | MFU |", "|---|---|---|---|---|"]
+    return header + lines, records
+
+
+def plot_scaling(records: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for spec in dict.fromkeys(r["spec"] for r in records):
+        rows = [r for r in records if r["spec"] == spec and "error" not in r]
+        lengths = [r["T"] for r in rows]
+        time_ax.plot(lengths, [r["median_s"] / r["T"] * 1e6 for r in rows], "o-", label=spec)
+        mem_ax.plot(lengths, [r["peak_bytes"] / 2**20 for r in rows], "o-", label=spec)
+    for ax, label in ((time_ax, "forward+backward µs per token"), (mem_ax, "peak memory MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    mem_ax.set_yscale("log")
+    time_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_csv(records: list[dict], out: Path) -> None:
+    import csv
+
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+AXES = {"scaling": scaling, "cache": cache, "decode": decode, "train": train}
+DEFAULT_SCALE = {"scaling": "small", "cache": "seed", "decode": "small", "train": "small"}
 
 
 def main() -> None:
@@ -178,6 +250,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=150, help="training steps per model (train)")
     add_device_args(parser)
     args = parser.parse_args()
     if args.child:
@@ -194,8 +267,12 @@ def main() -> None:
     print("\n".join(lines))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"models-{args.axis}.json"
-    out.write_text(json.dumps({"argv": sys.argv[1:], "records": records}, indent=1))
-    print(f"\nwritten: {out.relative_to(ROOT)}", file=sys.stderr)
+    out.write_text(json.dumps({"argv": sys.argv[1:], "table": lines, "records": records}, indent=1))
+    write_csv(records, out.with_suffix(".csv"))
+    if args.axis == "scaling":
+        plot_scaling(records, out.with_suffix(".png"))
+    print(f"\nwritten: {out.relative_to(ROOT)} (+ .csv{', .png' if args.axis == 'scaling' else ''})",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -106,10 +106,11 @@ class Throughput(Callback):
         if self.last_end is not None:
             rate = batch[0].numel() * trainer.world_size / max(now - self.last_end, 1e-9)
             self.rate = rate if self.rate is None else self.smoothing * self.rate + (1 - self.smoothing) * rate
-            pl_module.log("tok/s", self.rate, prog_bar=True)
-            if self.peak and self.flops_per_token:
-                pl_module.log("mfu", self.rate * self.flops_per_token / (self.peak * trainer.world_size),
-                              prog_bar=True)
+            if trainer.global_step % trainer.log_every_n_steps == 0:  # a self.log call is not free on a CPU
+                pl_module.log("tok/s", self.rate, prog_bar=True)
+                if self.peak and self.flops_per_token:
+                    pl_module.log("mfu", self.rate * self.flops_per_token / (self.peak * trainer.world_size),
+                                  prog_bar=True)
         self.last_end = now
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -79,7 +79,8 @@ class LanguageModule(L.LightningModule):
             return self.non_finite(loss)
         self.tokens_seen += y.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/tokens", float(self.tokens_seen), prog_bar=True)
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # as often as loggers write: a log costs time
+            self.log("train/tokens", float(self.tokens_seen), prog_bar=True)
         return loss
 
     def non_finite(self, loss: Tensor) -> None:

@@ -14,6 +14,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from efficia.config import compose_run
 from efficia.models import MODELS
@@ -23,6 +24,7 @@ from tests.conftest import CONF, require_data
 from tests.test_train import cli
 
 # two validations' worth of nothing: a sweep's machinery, not its learning, is under test
+DEFAULT_BATCH = OmegaConf.load(CONF / "data" / "shakespeare.yaml").batch_size
 FAST_SWEEP = ["debug=limit", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
               "callbacks.progress_bar=null"]
 
@@ -72,7 +74,8 @@ def test_a_resumed_run_records_its_whole_history(make_cfg) -> None:
     cfg = make_cfg(*common, "trainer.max_steps=6", f"ckpt_path={first['last_ckpt']}")
     train(cfg)
     record = json.loads((Path(cfg.output_dir) / RECORD).read_text())
-    assert [(v["step"], v["tokens"]) for v in record["val"]] == [(s, s * 12 * 32) for s in (2, 4, 6)]
+    per_step = cfg.data.batch_size * cfg.data.seq_len
+    assert [(v["step"], v["tokens"]) for v in record["val"]] == [(s, s * per_step) for s in (2, 4, 6)]
     walls = [v["wall_s"] for v in record["val"]]
     assert walls == sorted(walls) and record["wall_s"] >= walls[-1]  # wall time goes on from the first session
     assert record["best_val_loss"] == min(v["loss"] for v in record["val"])
@@ -89,14 +92,14 @@ def test_multirun_writes_the_comparison_report_and_one_wandb_run_per_job(tmp_pat
     printed = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"model=(\w+): ([\d,]+) parameters", proc.stdout)}
     for r in rows:
         assert int(r["params"]) == printed[r["model"]]
-        assert int(r["steps"]) == 2 and float(r["tokens"]) == 2 * 12 * 32
+        assert int(r["steps"]) == 2 and float(r["tokens"]) == 2 * DEFAULT_BATCH * 32
         assert math.isfinite(float(r["best_val_loss"])) and float(r["best_val_bpb"]) > 0
         assert float(r["wall_s"]) > 0 and float(r["tokens_per_s"]) > 0
     gpt, yinggem = rows
     assert int(gpt["cache_bytes@8192"]) == 8 * int(gpt["cache_bytes@1024"])  # full K/V: linear in T
     assert int(yinggem["cache_bytes@8192"]) == int(yinggem["cache_bytes@1024"])  # a rolling window: constant
     record = json.loads((tmp_path / "0" / "run_record.json").read_text())
-    assert [(v["step"], v["tokens"]) for v in record["val"]] == [(2, 2 * 12 * 32)]
+    assert [(v["step"], v["tokens"]) for v in record["val"]] == [(2, 2 * DEFAULT_BATCH * 32)]
 
     md = (tmp_path / "summary.md").read_text()
     assert "| `model=gpt` |" in md and "| `model=yinggem` |" in md and "Every job: `debug=limit" in md

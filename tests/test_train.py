@@ -143,9 +143,10 @@ def test_tiny_gpt_learns_and_its_checkpoint_samples(make_cfg, capsys) -> None:
 def test_resume_continues_step_count_and_schedule(make_cfg) -> None:
     require_data()
     common = ["debug=limit", "logger=csv", "trainer.val_check_interval=5", "scheduler.warmup_steps=2"]
-    first = train(make_cfg(*common, "trainer.max_steps=10"))
+    first_cfg = make_cfg(*common, "trainer.max_steps=10")
+    first = train(first_cfg)
     ckpt = torch.load(first["last_ckpt"], weights_only=True)
-    assert ckpt["global_step"] == 10 and ckpt["tokens_seen"] == 10 * 12 * 32
+    assert ckpt["global_step"] == 10 and ckpt["tokens_seen"] == 10 * first_cfg.data.batch_size * 32
     resumed = train(make_cfg(*common, "trainer.max_steps=15", f"ckpt_path={first['last_ckpt']}"))
     assert resumed["global_step"] == 15
     after = torch.load(resumed["last_ckpt"], weights_only=True)

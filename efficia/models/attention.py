@@ -114,13 +114,13 @@ class CausalSelfAttention(Mixer):
     def forward(self, x: Tensor, step: Step, state: KVState | None = None) -> Tensor:
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-        if self.rope_theta is not None:
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)  # [B, T, heads, D]
+        qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
+        if self.rope_theta is not None:  # queries and keys in one pass; keys are cached already rotated
             cos, sin = step.rope(D, self.rope_theta)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
+            qk = apply_rope(qk, cos[:, None], sin[:, None])
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, D], [B, Hkv, T, D]
+        v = v.transpose(1, 2)  # [B, Hkv, T, D]
         if state is not None:
             k, v = state.update(k, v, step.start)
             k, v = k.to(q.dtype), v.to(q.dtype)  # the cache keeps the parameter dtype under autocast

@@ -55,7 +55,8 @@ def rope_tables(dim: int, theta: float, start: int, length: int, device: torch.d
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (first half, second half) of the last dim of x[..., T, D] by tables [T, D/2]."""
+    """Rotate pairs (first half, second half) of the last dim of x by tables that broadcast to x[..., D/2]:
+    [T, D/2] for x[..., T, D], [T, 1, D/2] for x[B, T, heads, D]."""
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.type_as(x)
