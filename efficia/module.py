@@ -75,12 +75,11 @@ class LanguageModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         losses, y = self.token_losses(batch)
         loss = losses.mean()
-        if not torch.isfinite(loss):  # the progress bar reads the loss every step anyway: no extra sync
+        if not torch.isfinite(loss):  # one host sync per step: the price of naming the step that diverged
             return self.non_finite(loss)
         self.tokens_seen += y.numel() * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True)
         if self.global_step % self.trainer.log_every_n_steps == 0:  # as often as loggers write: a log costs time
-            self.log("train/tokens", float(self.tokens_seen), prog_bar=True)
+            self.log_dict({"train/loss": loss, "train/tokens": float(self.tokens_seen)}, prog_bar=True)
         return loss
 
     def non_finite(self, loss: Tensor) -> None:
