@@ -25,7 +25,7 @@ VARIANTS: dict[str, list[tuple[str, ...]]] = {
     "efficia": [(), ("model.window=5",), ("model.mem_size=1", "model.conv_size=1"), ("model.mem_size=9",)],
     "efficientlm": [(), ("model.down_rate=1",), ("model.down_rate=2",), ("model.down_rate=4",),
                     (f"model.external.source={EXTERNAL_TABLE}",)],
-    "gpt": [(), ("model.n_kv_head=1",), ("model.pos_emb=learned",)],
+    "gpt": [(), ("model.n_kv_head=1",), ("model.pos_emb=learned",), ("model.dropout=0.2", "model.n_kv_head=1")],
     "optimus": [(), ("model.decode=expanded",), ("model.attention=gqa",), ("model.attention=gqa", "model.n_kv_head=1")],
     "yinggem": [(), ("model.n_kv_head=1",), ("model.window=3",)],
     "lumenspark": [(), ("model.block=5", "model.k_per_block=3"),

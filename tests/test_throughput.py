@@ -11,6 +11,7 @@ import torch
 from efficia.callbacks import PlainProgress, progress_bar
 from efficia.config import compose_run
 from efficia.models import MODELS, build_model
+from efficia.models.blocks import Dropout, attend, attention_with_dropout, dropout
 from efficia.throughput import compute_dtype, gpu_peak, training_flops_per_token
 from efficia.training import train
 from tests.conftest import TINY_VOCAB, require_data, tiny_model_cfg
@@ -155,3 +156,31 @@ def test_the_model_summary_counts_the_forward_flops_of_one_window(tmp_path: Path
     module = LanguageModule(cfg, {"kind": "char", "chars": "abcdefghij"})
     seq_len, vocab = cfg["data"]["seq_len"], 10
     assert ModelSummary(module).total_flops == seq_len * gpt_matmul_flops_per_token(cfg["model"], vocab, seq_len) // 3
+
+
+# -- hot paths -------------------------------------------------------------------------------------
+
+def test_cpu_dropout_keeps_dropouts_contract() -> None:
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.2)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.2) < 0.01  # drops a share p
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.8))  # scales the rest by 1/(1-p): the mean is kept
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask and scale
+    assert dropout(x, 0.2, training=False) is x and dropout(x, 0.0) is x
+    assert torch.count_nonzero(dropout(x, 1.0)) == 0
+    layer = Dropout(0.2).eval()
+    assert layer(x) is x
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "kv_heads"), [(7, 7, 4), (3, 9, 4), (5, 5, 2), (1, 6, 1)])
+def test_attention_with_dropout_is_sdpa_when_nothing_is_dropped(q_len: int, k_len: int, kv_heads: int) -> None:
+    """The CPU dropout path computes causal attention (bottom-right aligned, GQA) exactly as SDPA does."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, q_len, 8, generator=gen)
+    k, v = (torch.randn(2, kv_heads, k_len, 8, generator=gen) for _ in range(2))
+    expected = attend(q, k, v)  # SDPA, no dropout
+    torch.testing.assert_close(attention_with_dropout(q, k, v, 1e-12), expected)
+    torch.testing.assert_close(attention_with_dropout(q, k, v, 1e-12, scale=0.3), attend(q, k, v, scale=0.3))

@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import apply_rope, attend, check_heads, require, sliding_window_mask
+from efficia.models.blocks import (
+    Dropout,
+    apply_rope,
+    attend,
+    check_heads,
+    expand_kv,
+    require,
+    sliding_window_mask,
+)
 from efficia.models.decoder import Mixer, Step
 
 try:  # torch >= 2.5
@@ -109,7 +117,7 @@ class CausalSelfAttention(Mixer):
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.proj.is_residual_proj = True
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, step: Step, state: KVState | None = None) -> Tensor:
         B, T, C = x.shape
@@ -138,14 +146,6 @@ class CausalSelfAttention(Mixer):
     def state_bytes(self, seq_len: int, dtype: torch.dtype) -> int:
         positions = seq_len if self.window is None else min(seq_len, self.window)
         return 2 * self.n_kv_head * self.head_dim * positions * dtype.itemsize
-
-
-def expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Repeat each of Hkv K/V heads H/Hkv times for kernels without native grouped-query support."""
-    groups = q.shape[1] // k.shape[1]
-    if groups == 1:
-        return k, v
-    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Tk, D]
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, dropout: float = 0.0) -> Tensor:

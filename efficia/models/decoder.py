@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from efficia.models.blocks import init_weights, require, rope_tables
+from efficia.models.blocks import Dropout, init_weights, require, rope_tables
 
 
 @dataclass
@@ -130,7 +130,7 @@ class DecoderLM(LanguageModel):
         self.gradient_checkpointing = gradient_checkpointing
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_seq_len, d_model) if learned_positions else None
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(make_block(i) for i in range(n_layer))
         self.norm = make_norm()
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efficia.models.attention import RingKVState
-from efficia.models.blocks import PreNormBlock, RMSNorm, SwiGLU, require
+from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, SwiGLU, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.registry import register
 
@@ -113,7 +113,7 @@ class EfficiaMixer(Mixer):
         self.fuse = nn.Linear(C, 3, bias=False)  # FF: per-position logits over (lcp, gmg, ccu)
         self.proj = nn.Linear(C, C, bias=False)
         self.proj.is_residual_proj = True
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, step: Step, state: EfficiaState | None = None) -> Tensor:
         B, T, C = x.shape

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efficia.errors import ConfigError
-from efficia.models.blocks import PreNormBlock, RMSNorm, SwiGLU, init_weights, require
+from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, SwiGLU, init_weights, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
 from efficia.models.registry import register
@@ -184,7 +184,7 @@ class TemporalLatentAttention(Mixer):
         self.merge = ChunkMerge(kv_lora_rank, down_rate) if down_rate > 1 else None  # s=1: nothing to merge
         self.proj = nn.Linear(n_head * v_head_dim, d_model, bias=False)
         self.proj.is_residual_proj = True
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, step: Step, state: SlotState | None = None) -> Tensor:
         B, T, _ = x.shape

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import PreNormBlock, RMSNorm, check_heads, require
+from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, check_heads, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.registry import register
 
@@ -59,7 +59,7 @@ class LowRankFeedForward(nn.Module):
         super().__init__()
         self.fc = LowRankLinear(dim, hidden, rank)
         self.proj = LowRankLinear(hidden, dim, rank, residual=True)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x))))
@@ -165,7 +165,7 @@ class BlockLinformerAttention(Mixer):
         self.f = nn.Parameter(pooling_projection(k_per_block, block))  # values: block -> k_per_block
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.proj.is_residual_proj = True
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, T, D] through the low-rank projection; k, v [B, Hkv, T, D]."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from efficia.models.attention import CausalSelfAttention
-from efficia.models.blocks import PreNormBlock, RMSNorm, SwiGLU, require
+from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, SwiGLU, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
 from efficia.models.registry import register
@@ -43,7 +43,7 @@ class MultiHeadLatentAttention(Mixer):
         self.heads = LatentHeads(n_head, d_c, self.head_dim)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.proj.is_residual_proj = True
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, step: Step, state: LatentState | None = None) -> Tensor:
         B, T, C = x.shape
