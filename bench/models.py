@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -184,7 +185,8 @@ def train(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[d
         cfg = compose_run(overrides, ROOT / "outputs" / "bench")
         flops = training_flops_per_token(OmegaConf.to_container(cfg.model, resolve=True), args.vocab,
                                          cfg.data.seq_len)
-        rate = lightning_loop(overrides, args.steps, ROOT / "outputs" / "bench" / f"train-{len(records)}")
+        with tempfile.TemporaryDirectory() as tmp:  # a fresh run folder each time (a used one is refused)
+            rate = lightning_loop(overrides, args.steps, Path(tmp) / "run")
         peaks.append(measure_cpu_peak())
         records.append({"spec": spec, "tokens_per_s": rate, "flops_per_token": flops})
     peak = statistics.median(peaks)

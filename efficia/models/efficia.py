@@ -132,7 +132,9 @@ class EfficiaMixer(Mixer):
         """CCU: one GRUCell step per completed segment (a loop over segments, never over tokens);
         the tokens of segment s read the state after segment s-1 -> [B, T, C]."""
         B = summaries.shape[0]
-        h = state.gru.to(summaries.dtype) if state is not None else self.h0.to(summaries.dtype).expand(B, -1)
+        # a copy, not a view of the parameter: under no_grad a view still "requires grad" without a grad_fn,
+        # which breaks autograd hooks such as the FLOP counter in Lightning's model summary
+        h = state.gru.to(summaries.dtype) if state is not None else self.h0.to(summaries.dtype).repeat(B, 1)
         states = [h]  # states[j]: after segment s0 + j - 1
         for j in range(summaries.shape[1]):
             states.append(self.gru(summaries[:, j], states[-1]))
