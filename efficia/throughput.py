@@ -75,7 +75,7 @@ def training_flops_per_token(model_cfg: Mapping[str, Any], vocab_size: int, seq_
     with torch.device("meta"):
         net = build_model(model_cfg, vocab_size)
         idx = torch.zeros(1, seq_len, dtype=torch.long)
-    net.train()
+    net.to("meta").train()  # tensors a model loads from files (efficientlm's external table) are still real
 
     def loss(logits: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), idx.flatten())

@@ -11,10 +11,10 @@ import torch
 from efficia.callbacks import PlainProgress, progress_bar
 from efficia.config import compose_run
 from efficia.models import MODELS, build_model
-from efficia.models.blocks import Dropout, attend, attention_with_dropout, dropout
+from efficia.models.blocks import Dropout, attend, attention_with_dropout, dropout, sdpa
 from efficia.throughput import compute_dtype, gpu_peak, training_flops_per_token
 from efficia.training import train
-from tests.conftest import TINY_VOCAB, require_data, tiny_model_cfg
+from tests.conftest import EXTERNAL_TABLE, TINY_VOCAB, require_data, tiny_model_cfg, write_external_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,10 +47,12 @@ def test_flops_follow_the_architecture_not_a_formula() -> None:
     assert growth("efficia") < 1.1
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_model_counts_flops_on_the_meta_device(name: str) -> None:
-    per_token = training_flops_per_token(tiny_model_cfg(name), TINY_VOCAB, 32)
-    params = sum(p.numel() for p in build_model(tiny_model_cfg(name), TINY_VOCAB).parameters())
+@pytest.mark.parametrize("case", [(name,) for name in sorted(MODELS)]
+                         + [("efficientlm", f"model.external.source={EXTERNAL_TABLE}")], ids=str)
+def test_every_model_counts_flops_on_the_meta_device(case: tuple[str, ...]) -> None:
+    write_external_table(EXTERNAL_TABLE)
+    per_token = training_flops_per_token(tiny_model_cfg(*case), TINY_VOCAB, 32)
+    params = sum(p.numel() for p in build_model(tiny_model_cfg(*case), TINY_VOCAB).parameters())
     assert 2 * params < per_token < 12 * params + 1e6  # about 6 FLOPs per weight, plus attention
 
 
@@ -188,3 +190,19 @@ def test_attention_with_dropout_is_sdpa_when_nothing_is_dropped(q_len: int, k_le
     expected = attend(q, k, v)  # SDPA, no dropout
     torch.testing.assert_close(attention_with_dropout(q, k, v, 1e-12), expected)
     torch.testing.assert_close(attention_with_dropout(q, k, v, 1e-12, scale=0.3), attend(q, k, v, scale=0.3))
+
+
+def test_narrow_values_take_the_fused_cpu_kernel() -> None:
+    """MLA's values are narrower than its keys (decoupled RoPE): padded, SDPA keeps its fused kernel instead of
+    materialising the [T, T] scores, and the result is the attention of the unpadded values."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 16, 12, generator=gen) for _ in range(2))
+    v = torch.randn(1, 2, 16, 8, generator=gen)
+    with FlopCounterMode(display=False) as counter:
+        out = sdpa(q, k, v, is_causal=True)
+    assert "_scaled_dot_product_flash_attention_for_cpu" in str(counter.get_flop_counts()["Global"])
+    scores = (q @ k.transpose(-2, -1)) / 12**0.5
+    scores = scores.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v)

@@ -146,6 +146,16 @@ def sliding_window_mask(q_len: int, k_len: int, window: int, device: torch.devic
     return (distance >= 0) & (distance < window)
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """F.scaled_dot_product_attention, except that on a CPU values narrower than the keys (MLA's decoupled RoPE
+    key) are zero-padded to the key width: the fused CPU kernel needs one head size, and without it SDPA falls
+    back to materialising [Tq, Tk] scores (optimus at T=8192: 6.5 GB). The padded columns are sliced off."""
+    d_v, d_qk = v.shape[-1], q.shape[-1]
+    if q.device.type == "cpu" and d_v < d_qk:
+        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, d_qk - d_v)), **kwargs)[..., :d_v]
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, scale: float | None = None) -> Tensor:
     """Causal SDPA for q[B,H,Tq,D] against k,v[B,Hkv,Tk,D] where the queries are the last Tq keys.
     Hkv may divide H (grouped-query attention: SDPA shares each K/V head among H/Hkv query heads)."""
@@ -154,12 +164,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, scale: float |
         return attention_with_dropout(q, k, v, dropout, scale)  # path and the slow bernoulli_ mask
     gqa = k.shape[1] != q.shape[1]
     if q_len == k_len:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
-                                              enable_gqa=gqa)
+        return sdpa(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
     if q_len == 1:  # one new token sees everything cached: no mask at all
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q_len, k_len, q.device),
-                                          dropout_p=dropout, scale=scale, enable_gqa=gqa)
+        return sdpa(q, k, v, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    return sdpa(q, k, v, attn_mask=causal_mask(q_len, k_len, q.device), dropout_p=dropout, scale=scale,
+                enable_gqa=gqa)
 
 
 def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float, scale: float | None = None) -> Tensor:

@@ -38,10 +38,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import RMSNorm, apply_rope, attend, causal_mask, require
+from efficia.models.blocks import RMSNorm, apply_rope, attend, causal_mask, require, sdpa
 
 Rope = tuple[Tensor, Tensor] | None
 
@@ -129,7 +128,7 @@ class LatentHeads(nn.Module):
             k = torch.cat((k, k_r.unsqueeze(1).expand(B, H, S, k_r.shape[-1])), dim=-1)  # [B, H, S, D + d_R]
         if mask is None and is_causal:
             return attend(q, k, v, dropout, scale=scale)  # bottom-right aligned causal SDPA
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+        return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
     # --- path 2: absorbed weights over the latents -----------------------------------------------------
 
@@ -165,8 +164,8 @@ class LatentHeads(nn.Module):
                 mask = mask.unsqueeze(0)
             mask = mask.expand(mask.shape[0], H, T, S).reshape(mask.shape[0], 1, H * T, S)  # [B|1, 1, H·T, S]
         q = q.reshape(B, 1, H * T, q.shape[-1])  # [B, 1, H·T, d_c + d_R]: heads fold into the query axis
-        o = F.scaled_dot_product_attention(q, k.unsqueeze(1), c_kv.unsqueeze(1), attn_mask=mask,
-                                           dropout_p=dropout, scale=scale)  # [B, 1, H·T, d_c]
+        o = sdpa(q, k.unsqueeze(1), c_kv.unsqueeze(1), attn_mask=mask,
+                 dropout_p=dropout, scale=scale)  # [B, 1, H·T, d_c]
         return self.absorb_output(o.view(B, H, T, self.d_c))  # [B, H, T, Dv]
 
     def attend(self, q_c: Tensor, q_r: Tensor | None, c_kv: Tensor, k_r: Tensor | None, *, absorbed: bool,
