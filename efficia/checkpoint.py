@@ -51,6 +51,15 @@ class LoadedModel:
     def device(self) -> torch.device:
         return self.net.device
 
+    def quantize(self, mode: str | None) -> LoadedModel:
+        """`quantize("int8")`: dynamic int8 Linear layers for CPU sampling (efficia.quantize), in place; None: as is."""
+        from efficia.quantize import check_mode, quantize_int8
+
+        check_mode(mode, self.device)
+        if mode is not None:
+            quantize_int8(self.net)
+        return self
+
     def options(self, **overrides: Any) -> dict[str, Any]:
         """The checkpoint's sampling preset with every non-None override applied."""
         unknown = set(overrides) - set(SAMPLING_KEYS)

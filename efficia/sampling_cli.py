@@ -36,7 +36,7 @@ def sample(cfg: DictConfig) -> list[str]:
     for key in ("ckpt", "device"):
         if not isinstance(cfg[key], str):
             raise ConfigError(f"{key}={cfg[key]!r}: give a path/name as text")
-    model = load_any(cfg.ckpt, device=cfg.device)  # a .ckpt file or an exported folder
+    model = load_any(cfg.ckpt, device=cfg.device).quantize(cfg.quantize)  # a .ckpt file or an exported folder
     if not cfg.interactive:
         return sample_once(model, str(cfg.prompt), cfg)
     texts: list[str] = []

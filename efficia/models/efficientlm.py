@@ -129,6 +129,7 @@ class Adapter(nn.Module):
         self.w2 = nn.Linear(d_ext, bottleneck, bias=False)
         self.up = nn.Linear(bottleneck, d_model, bias=False)
         self.skip = nn.Linear(d_ext, d_model, bias=False)
+        self.skip.keep_float = True  # its weight's dtype sets the external table's (efficia.quantize)
 
     def zero_up(self) -> None:
         nn.init.zeros_(self.up.weight)

@@ -105,6 +105,7 @@ class LatentHeads(nn.Module):
         self.v_head_dim = v_head_dim or head_dim
         self.uk = nn.Linear(d_c, n_head * head_dim, bias=False)  # W_uk
         self.uv = nn.Linear(d_c, n_head * self.v_head_dim, bias=False)  # W_uv
+        self.uk.keep_float = self.uv.keep_float = True  # absorbed decoding reads them as matrices (efficia.quantize)
 
     # --- path 1: expanded per-head K/V, multi-head SDPA ----------------------------------------------
 
