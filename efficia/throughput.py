@@ -83,11 +83,19 @@ def training_flops_per_token(model_cfg: Mapping[str, Any], vocab_size: int, seq_
     return measure_flops(net, lambda: net(idx), loss) / seq_len
 
 
-def measure_cpu_peak(dtype: str = "fp32", n: int = 2048, repeats: int = 4) -> float:
-    """FLOP/s of the best of `repeats` n×n matmuls in `dtype`, on the threads torch is using now."""
-    a = torch.randn(n, n, dtype=DTYPES[dtype])
-    b = torch.randn(n, n, dtype=DTYPES[dtype])
-    a @ b  # warm-up: thread pool, packing buffers
+def measure_cpu_peak(dtype: str = "fp32", max_n: int = 2048, min_seconds: float = 0.05, repeats: int = 3) -> float:
+    """FLOP/s of the best of `repeats` n×n matmuls in `dtype`, on the threads torch is using now. n doubles from
+    256 until one matmul takes `min_seconds` (or n reaches max_n), so a dtype this CPU only emulates (bf16
+    without native support: about 1 GFLOP/s here) is measured in a fraction of a second too."""
+    n = 256
+    while True:
+        a, b = torch.randn(n, n, dtype=DTYPES[dtype]), torch.randn(n, n, dtype=DTYPES[dtype])
+        a @ b  # warm-up: thread pool, packing buffers
+        start = time.perf_counter()
+        a @ b
+        if time.perf_counter() - start >= min_seconds or n >= max_n:
+            break
+        n *= 2
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
