@@ -74,6 +74,13 @@ class LossCurve(Callback):
         self.val = [tuple(p) for p in state_dict.get("val", [])]
 
 
+def loggers_write_at(trainer: L.Trainer, step: int) -> bool:
+    """True when Lightning writes its loggers after optimizer step `step` (1-based), and at the last step so the
+    final metrics are current. Values are logged only then: each self.log call walks Lightning's result
+    collection, a measurable share of a small CPU step."""
+    return step % trainer.log_every_n_steps == 0 or 0 < trainer.max_steps <= step
+
+
 class Throughput(Callback):
     """Training tokens/s (all processes) and MFU in the progress bar and the logs, smoothed over steps.
 
@@ -106,7 +113,7 @@ class Throughput(Callback):
         if self.last_end is not None:
             rate = batch[0].numel() * trainer.world_size / max(now - self.last_end, 1e-9)
             self.rate = rate if self.rate is None else self.smoothing * self.rate + (1 - self.smoothing) * rate
-            if trainer.global_step % trainer.log_every_n_steps == 0:  # a self.log call is not free on a CPU
+            if loggers_write_at(trainer, trainer.global_step):
                 pl_module.log("tok/s", self.rate, prog_bar=True)
                 if self.peak and self.flops_per_token:
                     pl_module.log("mfu", self.rate * self.flops_per_token / (self.peak * trainer.world_size),

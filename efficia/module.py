@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 
+from efficia.callbacks import loggers_write_at
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import TrainingError
 from efficia.models import build_model
@@ -78,11 +79,10 @@ class LanguageModule(L.LightningModule):
         if not torch.isfinite(loss):  # one host sync per step: the price of naming the step that diverged
             return self.non_finite(loss)
         self.tokens_seen += y.numel() * self.trainer.world_size
-        if self.global_step % self.trainer.log_every_n_steps == 0:  # as often as loggers write: a log costs time
+        if loggers_write_at(self.trainer, self.global_step + 1):
             self.log_dict({"train/loss": loss, "train/tokens": float(self.tokens_seen)}, prog_bar=True)
         return loss
 
-    def non_finite(self, loss: Tensor) -> None:
         """`nonfinite_loss: stop` ends the run with one line; `skip` drops this batch's optimizer step."""
         step = self.global_step + 1
         if self.cfg["nonfinite_loss"] == "skip":

@@ -206,3 +206,17 @@ def test_narrow_values_take_the_fused_cpu_kernel() -> None:
     scores = (q @ k.transpose(-2, -1)) / 12**0.5
     scores = scores.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(out, scores.softmax(-1) @ v)
+
+
+def test_logged_train_values_belong_to_the_step_they_are_written_at(make_cfg) -> None:
+    """Values are logged only on the steps Lightning writes (and the last): a value logged a step early would be
+    written stale, nine steps old at the default log_every_n_steps."""
+    require_data()
+    cfg = make_cfg("scale=tiny", "logger=csv", "trainer.max_steps=7", "trainer.log_every_n_steps=3",
+                   "trainer.val_check_interval=7", "trainer.limit_val_batches=1")
+    result = train(cfg)
+    per_step = cfg.data.batch_size * cfg.data.seq_len
+    rows = [r for r in csv_rows(Path(cfg.output_dir)) if r.get("train/tokens")]
+    assert [(int(r["step"]) + 1, float(r["train/tokens"])) for r in rows] == [(s, s * per_step) for s in (3, 6, 7)]
+    assert all(r.get("tok/s") and r.get("mfu") for r in rows)
+    assert result["metrics"]["train/tokens"] == 7 * per_step  # the returned metrics are the last step's

@@ -150,7 +150,7 @@ def test_resume_continues_step_count_and_schedule(make_cfg) -> None:
     resumed = train(make_cfg(*common, "trainer.max_steps=15", f"ckpt_path={first['last_ckpt']}"))
     assert resumed["global_step"] == 15
     after = torch.load(resumed["last_ckpt"], weights_only=True)
-    assert after["tokens_seen"] == 15 * 12 * 32
+    assert after["tokens_seen"] == 15 * first_cfg.data.batch_size * 32
     assert after["lr_schedulers"][0]["last_epoch"] == 15
 
 
@@ -217,7 +217,8 @@ def test_ddp_cpu_trains_with_two_processes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: 6 steps" in proc.stdout
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["tokens_seen"] == 6 * 12 * 32 * 2  # both processes' tokens are counted
+    batch = OmegaConf.load(CONF / "data" / "shakespeare.yaml").batch_size
+    assert ckpt["tokens_seen"] == 6 * batch * 32 * 2  # both processes' tokens are counted
 
 
 def test_multirun_sweep_gives_each_job_its_own_wandb_run(tmp_path: Path) -> None:
