@@ -83,6 +83,7 @@ class LanguageModule(L.LightningModule):
             self.log_dict({"train/loss": loss, "train/tokens": float(self.tokens_seen)}, prog_bar=True)
         return loss
 
+    def non_finite(self, loss: Tensor) -> None:
         """`nonfinite_loss: stop` ends the run with one line; `skip` drops this batch's optimizer step."""
         step = self.global_step + 1
         if self.cfg["nonfinite_loss"] == "skip":
