@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from efficia.errors import ConfigError
+from efficia.models.blocks import keeps_float
 from efficia.quantize import check_mode, quantize_int8
 from efficia.sampling_cli import sample
 from efficia.training import train
@@ -34,7 +35,7 @@ def test_int8_model_stays_close_and_decodes_like_itself(case: tuple[str, ...]) -
         cached = torch.cat([model(idx[:, :12], cache=cache)]
                            + [model(idx[:, i:i + 1], cache=cache) for i in range(12, 20)], dim=1)
     # every Linear is int8 except those a model reads as matrices (marked keep_float)
-    assert all(getattr(m, "keep_float", False) for m in float_linears(model))
+    assert all(keeps_float(m) for m in float_linears(model))
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
     assert (logits - reference).norm() / reference.norm() < 0.05  # int8 rounding, not a different model
     # activations are quantized per call, so a cached token and the full forward round slightly differently

@@ -86,3 +86,79 @@ def test_an_adapter_export_is_self_contained(make_cfg, tmp_path: Path) -> None:
         assert loaded.net.adapter is not None
         with torch.no_grad():
             assert torch.equal(loaded.net(idx), original.net(idx))
+
+
+RESIDUAL_CASES = [("efficia",), ("efficientlm",), ("gpt",), ("lumenspark",), ("optimus",),
+                  ("optimus", "model.attention=gqa"), ("yinggem",)]
+
+
+@pytest.mark.parametrize("case", RESIDUAL_CASES, ids=" ".join)
+def test_every_residual_projection_gets_the_scaled_init(case: tuple[str, ...]) -> None:
+    """The layer whose output IS a block's mixer or feed-forward output (found by running the model, not by
+    name or mark) starts at std 0.02/sqrt(2·n_layer), GPT-2's residual scaling; the other linears at 0.02."""
+    from torch import nn
+
+    from efficia.models import MODELS
+
+    n_layer = 8
+    name, *overrides = case
+    model = build_tiny(name, f"model.n_layer={n_layer}", *overrides).eval()
+    assert set(MODELS) == {c[0] for c in RESIDUAL_CASES}
+    produced: dict[str, torch.Tensor] = {}
+    branches: list[torch.Tensor] = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_hook(lambda _m, _i, out, key=module_name: produced.setdefault(key, out))
+    for block in model.blocks:
+        for branch in (block.mixer, block.ffn):
+            branch.register_forward_hook(lambda _m, _i, out: branches.append(out))
+    with torch.no_grad():
+        model(torch.randint(TINY_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0)))
+    residual = {key for out in branches for key, value in produced.items() if value is out}
+    assert len(residual) == 2 * n_layer, f"{name}: found {sorted(residual)}"
+    expected = 0.02 / (2 * n_layer) ** 0.5
+    for key, module in model.named_modules():
+        if key in residual:
+            assert 0.75 < module.weight.std().item() / expected < 1.25, f"{name}: {key} is not scaled"
+
+
+@pytest.mark.parametrize("latent_norm", ["rmsnorm", "layernorm"])
+def test_mtla_latent_norm_is_a_choice_and_both_keep_the_contract(latent_norm: str) -> None:
+    """efficientlm with RMSNorm (ours) or the MTLA authors' LayerNorm with bias: the norm is what was asked,
+    future tokens never change past logits, and a cached run (prefill, then odd chunks across the merge stride)
+    equals the full forward, on randomised weights (a LayerNorm bias away from zero)."""
+    from torch import nn
+
+    from efficia.models.blocks import RMSNorm
+
+    model = build_tiny("efficientlm", f"model.latent_norm={latent_norm}", seed=3).eval()
+    norm = model.blocks[0].mixer.kv.norm
+    if latent_norm == "layernorm":
+        assert type(norm) is nn.LayerNorm and norm.bias is not None
+    else:
+        assert type(norm) is RMSNorm
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    T = model.max_seq_len
+    idx = torch.randint(TINY_VOCAB, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx)
+        changed = idx.clone()
+        changed[:, 20:] = (changed[:, 20:] + 1) % TINY_VOCAB
+        torch.testing.assert_close(model(changed)[:, :20], full[:, :20])
+        cache = model.new_cache(2)
+        cuts = [0, 7, 8, 9, 13, 20, T]
+        parts = [model(idx[:, a:b], cache=cache) for a, b in zip(cuts, cuts[1:], strict=False)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_the_authors_latent_norm_trains(make_cfg) -> None:
+    require_data()
+    result = train(make_cfg(*FAST, "model=efficientlm", "model.latent_norm=layernorm"))
+    assert result["metrics"]["val/loss"] > 0
+
+
+def test_an_unknown_latent_norm_is_one_line(make_cfg) -> None:
+    with pytest.raises(ConfigError, match="latent_norm must be 'rmsnorm' or 'layernorm', got 'batchnorm'"):
+        build_tiny("efficientlm", "model.latent_norm=batchnorm")

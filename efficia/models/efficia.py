@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efficia.models.attention import RingKVState
-from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, SwiGLU, require
+from efficia.models.blocks import RMSNorm, SwiGLU, check_heads, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.registry import register
 
@@ -93,8 +93,7 @@ class EfficiaMixer(Mixer):
     def __init__(self, d_model: int, n_head: int, segment: int, mem_size: int, n_persistent: int,
                  compressed_dim: int, conv_size: int, dropout: float) -> None:
         super().__init__()
-        require(n_head >= 1 and d_model % n_head == 0,
-                f"model=efficia: d_model ({d_model}) must be divisible by n_head ({n_head})")
+        check_heads(d_model, n_head)
         for key, value in (("segment", segment), ("mem_size", mem_size), ("n_persistent", n_persistent),
                            ("compressed_dim", compressed_dim), ("conv_size", conv_size)):
             require(value >= 1, f"model=efficia: {key} must be >= 1, got {value}; set model.{key}")
@@ -112,9 +111,7 @@ class EfficiaMixer(Mixer):
         self.h0 = nn.Parameter(torch.zeros(Cc))  # learned initial CCU state (read by segment 0)
         self.ccu_out = nn.Linear(Cc, C, bias=False)
         self.fuse = nn.Linear(C, 3, bias=False)  # FF: per-position logits over (lcp, gmg, ccu)
-        self.proj = nn.Linear(C, C, bias=False)
-        self.proj.is_residual_proj = True
-        self.dropout = Dropout(dropout)
+        self.add_output(C, C, dropout)
 
     def forward(self, x: Tensor, step: Step, state: EfficiaState | None = None) -> Tensor:
         B, T, C = x.shape
@@ -127,7 +124,7 @@ class EfficiaMixer(Mixer):
         # FF: softmax over the three streams at every position
         w = torch.softmax(self.fuse(x), dim=-1)  # [B, T, 3]
         fused = w[..., :1] * lcp + w[..., 1:2] * gmg + w[..., 2:] * ccu
-        return self.dropout(self.proj(fused))
+        return self.out(fused)
 
     def recurrent(self, summaries: Tensor, offset: int, T: int, state: EfficiaState | None) -> Tensor:
         """CCU: one GRUCell step per completed segment (a loop over segments, never over tokens);
@@ -249,20 +246,17 @@ class Efficia(DecoderLM):
     """Pre-norm blocks of (EfficiaMixer, SwiGLU), RMSNorm, tied embeddings, no position table: the
     context is unbounded (the state is constant in T), so decoding may run past max_seq_len."""
 
+    bounded_context = False
+
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, max_seq_len: int,
                  dropout: float, segment: int, mem_size: int, n_persistent: int, compressed_dim: int,
                  conv_size: int, ffn_hidden: int, norm_eps: float, gradient_checkpointing: bool) -> None:
         self.segment = segment
-
-        def make_block(_: int) -> PreNormBlock:
-            mixer = EfficiaMixer(d_model, n_head, segment, mem_size, n_persistent, compressed_dim, conv_size, dropout)
-            return PreNormBlock(RMSNorm(d_model, eps=norm_eps), mixer, RMSNorm(d_model, eps=norm_eps),
-                                SwiGLU(d_model, ffn_hidden, dropout=dropout))
-
-        super().__init__(name="efficia", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
-                         max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,
-                         make_norm=lambda: RMSNorm(d_model, eps=norm_eps), learned_positions=False,
-                         tie_embeddings=True, bounded_context=False, gradient_checkpointing=gradient_checkpointing)
+        super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         mixer=lambda _: EfficiaMixer(d_model, n_head, segment, mem_size, n_persistent, compressed_dim,
+                                                      conv_size, dropout),
+                         ffn=lambda: SwiGLU(d_model, ffn_hidden, dropout=dropout),
+                         norm=lambda: RMSNorm(d_model, eps=norm_eps))
 
     def structure(self) -> dict[str, int]:
         return {"segment": self.segment}

@@ -16,10 +16,10 @@ compare by config. The shared pieces live in `latent.py` (MLA and MTLA) and `att
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from efficia.models.attention import CausalSelfAttention
-from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, SwiGLU, require
+from efficia.models.blocks import RMSNorm, SwiGLU, check_heads, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
 from efficia.models.registry import register
@@ -32,8 +32,7 @@ class MultiHeadLatentAttention(Mixer):
     def __init__(self, d_model: int, n_head: int, d_c: int, d_q: int | None, d_rope: int, rope_theta: float,
                  dropout: float, decode: str, norm_eps: float) -> None:
         super().__init__()
-        require(n_head >= 1 and d_model % n_head == 0,
-                f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
+        check_heads(d_model, n_head)
         require(decode in ("absorbed", "expanded"), f"optimus: decode must be 'absorbed' or 'expanded', got {decode!r}")
         self.head_dim = d_model // n_head
         self.d_c, self.d_rope, self.rope_theta = d_c, d_rope, rope_theta
@@ -41,9 +40,7 @@ class MultiHeadLatentAttention(Mixer):
         self.query = LatentQuery(d_model, n_head, self.head_dim, d_rope, d_q, norm_eps=norm_eps)
         self.kv = LatentKV(d_model, d_c, d_rope, norm_eps=norm_eps)
         self.heads = LatentHeads(n_head, d_c, self.head_dim)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.proj.is_residual_proj = True
-        self.resid_dropout = Dropout(dropout)
+        self.add_output(d_model, d_model, dropout)
 
     def forward(self, x: Tensor, step: Step, state: LatentState | None = None) -> Tensor:
         B, T, C = x.shape
@@ -56,7 +53,7 @@ class MultiHeadLatentAttention(Mixer):
             absorbed = self.absorbed_decoding
         dropout = self.dropout if self.training else 0.0
         y = self.heads.attend(q_c, q_r, c_kv, k_r, absorbed=absorbed, is_causal=True, dropout=dropout)  # [B,H,T,D]
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # [B, T, C]
+        return self.out(y)  # [B, H, T, D] -> [B, T, C]
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LatentState:
         return LatentState(batch_size, self.d_c, self.d_rope, device, dtype)
@@ -77,8 +74,6 @@ class Optimus(DecoderLM):
                  rope_dim: int | None, rope_theta: float, decode: str | None, ffn_hidden: int, norm_eps: float,
                  gradient_checkpointing: bool) -> None:
         require(attention in ("mla", "gqa"), f"optimus: attention must be 'mla' or 'gqa', got {attention!r}")
-        require(n_head >= 1 and d_model % n_head == 0,
-                f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
         if attention == "mla":
             require(n_kv_head is None, f"optimus: n_kv_head={n_kv_head} is read by attention=gqa only (MLA shares one "
                                        "latent across heads); set model.n_kv_head=null or model.attention=gqa")
@@ -92,16 +87,12 @@ class Optimus(DecoderLM):
             require(not ignored, f"optimus: {', '.join(ignored)} are read by attention=mla only; set "
                                  f"{' '.join(f'model.{k}=null' for k in ignored)} or model.attention=mla")
 
-        def make_block(_: int) -> PreNormBlock:
-            if attention == "mla":
-                mixer = MultiHeadLatentAttention(d_model, n_head, kv_rank, q_rank, rope_dim, rope_theta, dropout,
-                                                 decode, norm_eps)
-            else:
-                mixer = CausalSelfAttention(d_model, n_head, n_kv_head, dropout, rope_theta=rope_theta)
-            return PreNormBlock(RMSNorm(d_model, eps=norm_eps), mixer, RMSNorm(d_model, eps=norm_eps),
-                                SwiGLU(d_model, ffn_hidden, dropout=dropout))
+        def mixer(_: int) -> Mixer:
+            if attention == "gqa":
+                return CausalSelfAttention(d_model, n_head, n_kv_head, dropout, rope_theta=rope_theta)
+            return MultiHeadLatentAttention(d_model, n_head, kv_rank, q_rank, rope_dim, rope_theta, dropout, decode,
+                                            norm_eps)
 
-        super().__init__(name="optimus", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
-                         max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,
-                         make_norm=lambda: RMSNorm(d_model, eps=norm_eps), learned_positions=False,
-                         tie_embeddings=True, bounded_context=True, gradient_checkpointing=gradient_checkpointing)
+        super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing, mixer=mixer,
+                         ffn=lambda: SwiGLU(d_model, ffn_hidden, dropout=dropout),
+                         norm=lambda: RMSNorm(d_model, eps=norm_eps))
