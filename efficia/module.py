@@ -13,9 +13,9 @@ from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 
 from efficia.callbacks import loggers_write_at
+from efficia.checkpoint import build_net
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import TrainingError
-from efficia.models import build_model
 
 
 class BitsPerByte(Metric):
@@ -55,7 +55,7 @@ class LanguageModule(L.LightningModule):
         self.save_hyperparameters()
         self.cfg = cfg
         self.tokenizer = tokenizer_from_state(tokenizer_state)
-        self.net = build_model(cfg["model"], self.tokenizer.vocab_size)
+        self.net = build_net(cfg["model"], self.tokenizer.vocab_size)
         self.register_buffer("token_bytes", self.tokenizer.token_byte_lengths(), persistent=False)
         self.val_loss = MeanMetric()
         self.val_bpb = BitsPerByte()

@@ -111,8 +111,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare()
     if ckpt_path:
         check_resumable(ckpt_path, plain_cfg, datamodule.tokenizer.state())
-    with config_errors("model"):
-        module = LanguageModule(plain_cfg, datamodule.tokenizer.state())
+    # no config_errors here: the registry and the constructors refuse bad model settings in one line (ConfigError);
+    # anything else a constructor raises is a bug and keeps its traceback
+    module = LanguageModule(plain_cfg, datamodule.tokenizer.state())
     with config_errors("optimizer"):  # built for real inside fit; refuse bad values before any work
         instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
     n_params = module.net.num_params()
