@@ -192,6 +192,8 @@ def report(result: dict[str, Any], cfg: DictConfig) -> None:
     lines = [f"done: {result['global_step']} steps"]
     if "val/loss" in m:
         lines[0] += f"; val/loss {m['val/loss']:.4f}, val/bpb {m.get('val/bpb', float('nan')):.4f}"
+    if "val/recall_acc" in m:
+        lines[0] += f", val/recall_acc {m['val/recall_acc']:.4f}"
     if result["best_ckpt"]:
         lines.append(f"best checkpoint: {result['best_ckpt']}")
     if result["last_ckpt"]:
