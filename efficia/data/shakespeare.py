@@ -13,11 +13,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from efficia.data.base import DataModule
 from efficia.data.resumable import ResumableSampler, training_position
 from efficia.data.tokenizers import Tokenizer, build_tokenizer
 from efficia.errors import DataError
@@ -75,7 +75,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-class ShakespeareDataModule(L.LightningDataModule):
+class ShakespeareDataModule(DataModule):
     def __init__(self, *, tokenizer: dict[str, Any], path: str | None, url: str, sha256: str, filename: str,
                  cache_dir: str, seq_len: int, batch_size: int, val_batch_size: int, val_fraction: float,
                  num_workers: int, seed: int) -> None:
@@ -186,6 +186,9 @@ class ShakespeareDataModule(L.LightningDataModule):
                 raise DataError(f"cannot write the token cache {cache_file} ({err.strerror}); point data.cache_dir "
                                 "(or EFFICIA_CACHE_DIR) at a writable folder") from None
         return torch.from_numpy(ids.astype(np.int64))
+
+    def describe(self) -> str:
+        return f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens"
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
