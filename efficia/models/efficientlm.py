@@ -13,8 +13,8 @@ are merged into one slot with hypernetwork weights
 Training uses the stride-aware causal mask: query i sees the slots of the chunks that ended at or before i
 plus its own partial chunk, the running weighted sum up to i. So the keys are the T running sums (in-chunk
 cumulative sums, no loop over tokens) and key j is visible to query i iff j <= i and (j ends a chunk or
-j == i). Every row sees at least its own column. Decoding keeps ceil(T/s) slots of (kv_lora_rank +
-qk_rope_head_dim) numbers per layer: a token that starts a chunk appends a slot, any other token adds
+j == i). Every row sees at least its own column. Decoding keeps ceil(T/s) slots of (kv_rank + rope_dim)
+numbers per layer: a token that starts a chunk appends a slot, any other token adds
 into the last one (its RoPE key replaces the slot's, as the chunk-end column's key in training).
 
 With down_rate 1 every chunk is one token: nothing is merged (no hypernetwork) and this is exactly
@@ -48,7 +48,7 @@ def sinusoid(positions: Tensor, dim: int) -> Tensor:
 
 class ChunkMerge(nn.Module):
     """The hypernetwork of MTLA: a merge weight per latent from its content and its chunk's index, and the
-    running weighted sums inside each chunk. Low rank kv_lora_rank/4 as in the paper's code."""
+    running weighted sums inside each chunk. Low rank kv_rank/4 as in the paper's code."""
 
     def __init__(self, rank: int, down_rate: int) -> None:
         super().__init__()
@@ -174,15 +174,15 @@ class TemporalLatentAttention(Mixer):
     here. Training attends with per-head K/V expanded (SDPA); decoding with the weights absorbed, straight
     over the slots."""
 
-    def __init__(self, d_model: int, n_head: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
+    def __init__(self, d_model: int, n_head: int, kv_rank: int, qk_nope_head_dim: int, rope_dim: int,
                  v_head_dim: int, down_rate: int, rope_theta: float, dropout: float, norm_eps: float) -> None:
         super().__init__()
-        self.rank, self.rope_dim, self.down_rate = kv_lora_rank, qk_rope_head_dim, down_rate
+        self.rank, self.rope_dim, self.down_rate = kv_rank, rope_dim, down_rate
         self.rope_theta, self.dropout = rope_theta, dropout
-        self.query = LatentQuery(d_model, n_head, qk_nope_head_dim, qk_rope_head_dim, None, norm_eps=norm_eps)
-        self.kv = LatentKV(d_model, kv_lora_rank, qk_rope_head_dim, norm_eps=norm_eps)
-        self.heads = LatentHeads(n_head, kv_lora_rank, qk_nope_head_dim, v_head_dim)
-        self.merge = ChunkMerge(kv_lora_rank, down_rate) if down_rate > 1 else None  # s=1: nothing to merge
+        self.query = LatentQuery(d_model, n_head, qk_nope_head_dim, rope_dim, None, norm_eps=norm_eps)
+        self.kv = LatentKV(d_model, kv_rank, rope_dim, norm_eps=norm_eps)
+        self.heads = LatentHeads(n_head, kv_rank, qk_nope_head_dim, v_head_dim)
+        self.merge = ChunkMerge(kv_rank, down_rate) if down_rate > 1 else None  # s=1: nothing to merge
         self.proj = nn.Linear(n_head * v_head_dim, d_model, bias=False)
         self.proj.is_residual_proj = True
         self.resid_dropout = Dropout(dropout)
@@ -219,30 +219,28 @@ class TemporalLatentAttention(Mixer):
 
 @register("efficientlm")
 class EfficientLM(DecoderLM):
-    """Pre-norm MTLA blocks with SwiGLU (hidden 8/3·d), RMSNorm, learned absolute positions (in training and
-    decoding alike), tied head, and the optional external-embedding adapter (`external.source`)."""
+    """Pre-norm MTLA blocks with SwiGLU (`ffn_hidden`, 8/3·d in the yaml), RMSNorm, learned absolute positions
+    (in training and decoding alike), tied head, and the optional external-embedding adapter (`external.source`)."""
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, max_seq_len: int,
-                 dropout: float, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
-                 down_rate: int, rope_theta: float, norm_eps: float, external: dict[str, Any],
+                 dropout: float, kv_rank: int, qk_nope_head_dim: int, rope_dim: int, v_head_dim: int,
+                 down_rate: int, ffn_hidden: int, rope_theta: float, norm_eps: float, external: dict[str, Any],
                  gradient_checkpointing: bool) -> None:
         require(down_rate >= 1, f"efficientlm: down_rate must be >= 1, got {down_rate}; set model.down_rate")
-        require(qk_rope_head_dim >= 2 and qk_rope_head_dim % 2 == 0,
-                f"efficientlm: qk_rope_head_dim must be even and >= 2 (the decoupled RoPE key), got "
-                f"{qk_rope_head_dim}")
-        require(min(kv_lora_rank, qk_nope_head_dim, v_head_dim, n_head) >= 1,
-                "efficientlm: kv_lora_rank, qk_nope_head_dim, v_head_dim and n_head must be >= 1")
+        require(rope_dim >= 2 and rope_dim % 2 == 0,
+                f"efficientlm: rope_dim must be even and >= 2 (the decoupled RoPE key), got {rope_dim}")
+        require(min(kv_rank, qk_nope_head_dim, v_head_dim, n_head) >= 1,
+                "efficientlm: kv_rank, qk_nope_head_dim, v_head_dim and n_head must be >= 1")
         self.down_rate = down_rate
         table = None
         if external["source"] is not None:
             table = load_external_table(str(external["source"]), external["key"], vocab_size)
-        hidden = 8 * d_model // 3
 
         def make_block(_: int) -> PreNormBlock:
-            mixer = TemporalLatentAttention(d_model, n_head, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+            mixer = TemporalLatentAttention(d_model, n_head, kv_rank, qk_nope_head_dim, rope_dim,
                                             v_head_dim, down_rate, rope_theta, dropout, norm_eps)
             return PreNormBlock(RMSNorm(d_model, eps=norm_eps), mixer, RMSNorm(d_model, eps=norm_eps),
-                                SwiGLU(d_model, hidden, dropout=dropout))
+                                SwiGLU(d_model, ffn_hidden, dropout=dropout))
 
         super().__init__(name="efficientlm", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
                          max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,

@@ -17,7 +17,7 @@ from efficia.models.registry import register
 @register("gpt")
 class GPT(DecoderLM):
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
-                 max_seq_len: int, dropout: float, bias: bool, pos_emb: str, rope_theta: float,
+                 max_seq_len: int, dropout: float, ffn_hidden: int, bias: bool, pos_emb: str, rope_theta: float,
                  gradient_checkpointing: bool) -> None:
         require(pos_emb in ("learned", "rope"), f"gpt: pos_emb must be 'learned' or 'rope', got {pos_emb!r}")
         rotary = rope_theta if pos_emb == "rope" else None
@@ -25,7 +25,7 @@ class GPT(DecoderLM):
         def make_block(_: int) -> PreNormBlock:
             return PreNormBlock(nn.LayerNorm(d_model, bias=bias),
                                 CausalSelfAttention(d_model, n_head, n_kv_head, dropout, bias, rope_theta=rotary),
-                                nn.LayerNorm(d_model, bias=bias), MLP(d_model, 4 * d_model, dropout, bias))
+                                nn.LayerNorm(d_model, bias=bias), MLP(d_model, ffn_hidden, dropout, bias))
 
         super().__init__(name="gpt", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
                          max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,

@@ -216,16 +216,16 @@ class BlockLinformerAttention(Mixer):
 
 @register("lumenspark")
 class Lumenspark(DecoderLM):
-    """`rank` is the query projection's rank; the feed-forward is d -> ffn_hidden -> d through two
+    """`q_rank` is the query projection's rank; the feed-forward is d -> ffn_hidden -> d through two
     LowRankLinear of rank `ffn_rank`. `n_kv_head` 1 is the seed's single shared K/V head."""
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
-                 max_seq_len: int, dropout: float, block: int, k_per_block: int, rank: int, ffn_hidden: int,
+                 max_seq_len: int, dropout: float, block: int, k_per_block: int, q_rank: int, ffn_hidden: int,
                  ffn_rank: int, norm_eps: float, bias: bool, gradient_checkpointing: bool) -> None:
         self.block, self.k_per_block = block, k_per_block
 
         def make_block(_: int) -> PreNormBlock:
-            attention = BlockLinformerAttention(d_model, n_head, n_kv_head, block, k_per_block, rank, dropout, bias)
+            attention = BlockLinformerAttention(d_model, n_head, n_kv_head, block, k_per_block, q_rank, dropout, bias)
             return PreNormBlock(RMSNorm(d_model, eps=norm_eps), attention, RMSNorm(d_model, eps=norm_eps),
                                 LowRankFeedForward(d_model, ffn_hidden, ffn_rank, dropout))
 

@@ -1,7 +1,7 @@
 """`optimus`: Optimus Prime, a pre-norm SwiGLU decoder with DeepSeek-V2 multi-head latent attention.
 
 MLA (`attention: mla`): queries through a low-rank latent c_q = RMSNorm(x W_dq); keys and values through
-c_kv = RMSNorm(x W_dkv) of rank d_c = compression_ratio·d_model, up-projected per head; a decoupled RoPE
+c_kv = RMSNorm(x W_dkv) of rank d_c = `kv_rank` (d_q = `q_rank`), up-projected per head; a decoupled RoPE
 part (per-head q_R, one k_R of width d_R shared by every head, rotated at absolute positions); scores
 scaled by 1/sqrt(d_h + d_R). Training runs the expanded path (per-head K/V, causal multi-head SDPA);
 decoding keeps ONLY c_kv and k_R per position ((d_c + d_R) numbers per layer, 0.27 of MHA's 2·d at the
@@ -29,7 +29,7 @@ class MultiHeadLatentAttention(Mixer):
     """MLA as a mixer. `decode`: which path attends over the latent cache ("absorbed", or "expanded" to
     compare against); the cache itself is the same (c_kv, k_R) either way."""
 
-    def __init__(self, d_model: int, n_head: int, d_c: int, d_q: int, d_rope: int, rope_theta: float,
+    def __init__(self, d_model: int, n_head: int, d_c: int, d_q: int | None, d_rope: int, rope_theta: float,
                  dropout: float, decode: str, norm_eps: float) -> None:
         super().__init__()
         require(n_head >= 1 and d_model % n_head == 0,
@@ -67,26 +67,34 @@ class MultiHeadLatentAttention(Mixer):
 
 @register("optimus")
 class Optimus(DecoderLM):
-    """`compression_ratio` sets both latent ranks (d_c = d_q = ratio·d_model, as in the seed); `rope_dim`
-    the decoupled RoPE width (null: head_dim/2, DeepSeek-V2's choice); `n_kv_head` is read by
-    `attention: gqa` only."""
+    """`kv_rank` and `q_rank` are the latent widths d_c and d_q (q_rank null: full-rank queries); `rope_dim` the
+    decoupled RoPE width d_R. These and `decode` are read by `attention: mla` only, `n_kv_head` by `attention: gqa`
+    only: the yaml makes the other setting's keys null (`${efficia.when:...}`), and a set key the chosen
+    attention would ignore is refused."""
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
-                 max_seq_len: int, dropout: float, attention: str, compression_ratio: float, rope_dim: int | None,
-                 rope_theta: float, decode: str, ffn_hidden: int, norm_eps: float,
+                 max_seq_len: int, dropout: float, attention: str, kv_rank: int | None, q_rank: int | None,
+                 rope_dim: int | None, rope_theta: float, decode: str | None, ffn_hidden: int, norm_eps: float,
                  gradient_checkpointing: bool) -> None:
         require(attention in ("mla", "gqa"), f"optimus: attention must be 'mla' or 'gqa', got {attention!r}")
         require(n_head >= 1 and d_model % n_head == 0,
                 f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
-        d_latent = round(compression_ratio * d_model)
-        require(0 < compression_ratio and d_latent >= 1,
-                f"optimus: compression_ratio·d_model must give a latent rank >= 1, got {compression_ratio}·{d_model}")
-        d_rope = (d_model // n_head) // 2 if rope_dim is None else rope_dim
-        require(d_rope >= 2 and d_rope % 2 == 0, f"optimus: rope_dim must be even and >= 2, got {d_rope}")
+        if attention == "mla":
+            require(n_kv_head is None, f"optimus: n_kv_head={n_kv_head} is read by attention=gqa only (MLA shares one "
+                                       "latent across heads); set model.n_kv_head=null or model.attention=gqa")
+            require(kv_rank is not None and kv_rank >= 1, f"optimus: kv_rank must be >= 1, got {kv_rank}")
+            require(q_rank is None or q_rank >= 1, f"optimus: q_rank must be >= 1 or null, got {q_rank}")
+            require(rope_dim is not None and rope_dim >= 2 and rope_dim % 2 == 0,
+                    f"optimus: rope_dim must be even and >= 2, got {rope_dim}")
+        else:
+            ignored = [k for k, v in (("kv_rank", kv_rank), ("q_rank", q_rank), ("rope_dim", rope_dim),
+                                      ("decode", decode)) if v is not None]
+            require(not ignored, f"optimus: {', '.join(ignored)} are read by attention=mla only; set "
+                                 f"{' '.join(f'model.{k}=null' for k in ignored)} or model.attention=mla")
 
         def make_block(_: int) -> PreNormBlock:
             if attention == "mla":
-                mixer = MultiHeadLatentAttention(d_model, n_head, d_latent, d_latent, d_rope, rope_theta, dropout,
+                mixer = MultiHeadLatentAttention(d_model, n_head, kv_rank, q_rank, rope_dim, rope_theta, dropout,
                                                  decode, norm_eps)
             else:
                 mixer = CausalSelfAttention(d_model, n_head, n_kv_head, dropout, rope_theta=rope_theta)
