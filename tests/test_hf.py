@@ -30,6 +30,7 @@ from efficia.models import MODELS, build_model
 from efficia.training import train
 from tests.conftest import ROOT, TINY_VOCAB, build_tiny, require_data
 from tests.test_models import VARIANTS
+from tests.trained_like import randomise
 
 transformers = pytest.importorskip("transformers", reason="format=hf needs the [hf] extra: pip install -e '.[hf]'")
 
@@ -54,14 +55,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_like(name: str, variant: tuple[str, ...], seed: int = 0) -> LoadedModel:
-    """Tiny `name` with every parameter moved well off its init (peaked logits: greedy decoding has no near-ties)."""
+    """Tiny `name` with trained-like weights (gates and merges far from neutral, peaked logits: no near-ties)."""
     cfg = OmegaConf.to_container(compose_run([f"model={name}", "scale=tiny", *variant, LONG], "/tmp"), resolve=True)
     torch.manual_seed(seed)
-    net = build_model(cfg["model"], TINY_VOCAB)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    net = randomise(build_model(cfg["model"], TINY_VOCAB), seed)
     return LoadedModel(net.eval(), CharTokenizer(CHARS), cfg)
 
 
