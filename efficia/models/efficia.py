@@ -169,19 +169,20 @@ class EfficiaMixer(Mixer):
         n = -(-(offset + T) // W)  # segments this call touches
         n_new = (offset + T) // W  # ... of which completed
         pad = (offset, n * W - offset - T)
-        xf = x.float()
-        score = F.pad(xf @ self.pool.float(), pad, value=float("-inf")).view(B, n, W)  # [B, n, W]
+        acc = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (a float64 model stays float64)
+        xf = x.to(acc)
+        score = F.pad(xf @ self.pool.to(acc), pad, value=float("-inf")).view(B, n, W)  # [B, n, W]
         xs = F.pad(xf, (0, 0, *pad)).view(B, n, W, C)  # [B, n, W, C]
         top = score.amax(dim=-1)  # [B, n], finite: every segment holds a token of this call
         if state is not None:  # fold the cached part of the first segment in
-            top = torch.cat((torch.maximum(top[:, :1], state.pool_max.float()[:, None]), top[:, 1:]), dim=1)
+            top = torch.cat((torch.maximum(top[:, :1], state.pool_max.to(acc)[:, None]), top[:, 1:]), dim=1)
         weight = torch.exp(score - top[..., None])  # [B, n, W]
         total = torch.einsum("bnw,bnwc->bnc", weight, xs)  # [B, n, C]
         norm = weight.sum(dim=-1)  # [B, n]
         if state is not None:
-            carry = torch.exp(state.pool_max.float() - top[:, 0])  # [B]
-            first_total = total[:, :1] + (carry[:, None] * state.pool_sum.float())[:, None]
-            first_norm = norm[:, :1] + (carry * state.pool_norm.float())[:, None]
+            carry = torch.exp(state.pool_max.to(acc) - top[:, 0])  # [B]
+            first_total = total[:, :1] + (carry[:, None] * state.pool_sum.to(acc))[:, None]
+            first_norm = norm[:, :1] + (carry * state.pool_norm.to(acc))[:, None]
             total, norm = torch.cat((first_total, total[:, 1:]), 1), torch.cat((first_norm, norm[:, 1:]), 1)
             dtype = state.pool_sum.dtype
             if n > n_new:  # a partial segment remains

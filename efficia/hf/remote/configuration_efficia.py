@@ -1,0 +1,17 @@
+"""The transformers config of an efficia model exported as remote code (`python -m efficia.export ... format=hf`):
+efficia's own model config, kept as the dict its yaml gave, plus the vocabulary size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+
+class EfficiaConfig(PretrainedConfig):
+    model_type = "efficia"
+
+    def __init__(self, efficia_model: dict[str, Any] | None = None, vocab_size: int = 1, **kwargs: Any) -> None:
+        self.efficia_model = dict(efficia_model or {})
+        self.vocab_size = vocab_size
+        super().__init__(**kwargs)
