@@ -45,9 +45,9 @@ def check_setting(seq_len: int, num_kv_pairs: int, vocab_size: int, what: str = 
         raise DataError(f"{what}: {num_kv_pairs} key/value pairs need seq_len >= {4 * num_kv_pairs} (2 tokens per "
                         f"pair, then room for {num_kv_pairs} queries), got seq_len={seq_len}; lower num_kv_pairs "
                         "or raise seq_len")
-    if vocab_size // 2 - 1 < num_kv_pairs * 4:
+    if vocab_size // 2 - 1 < num_kv_pairs * 2:  # rows with a repeated key are drawn again: keep repeats rare
         raise DataError(f"{what}: vocab_size={vocab_size} gives {vocab_size // 2 - 1} key tokens, too few for "
-                        f"{num_kv_pairs} distinct keys drawn at random (need at least {4 * num_kv_pairs}); "
+                        f"{num_kv_pairs} distinct keys drawn at random (need at least {2 * num_kv_pairs}); "
                         "raise data.vocab_size")
 
 
