@@ -91,7 +91,7 @@ def test_impossible_settings_are_refused_with_one_line(tmp_path: Path) -> None:
         MQARDataModule(tokenizer={"kind": "ids"}, seq_len=32, num_kv_pairs=4, vocab_size=512, num_train=None,
                        num_test=10, test=[[32, 4], [64, 40]], batch_size=4, val_batch_size=4, seed=0)
     with pytest.raises(DataError, match="too few for 8 distinct keys"):
-        MQARDataModule(tokenizer={"kind": "ids"}, seq_len=64, num_kv_pairs=8, vocab_size=40, num_train=None,
+        MQARDataModule(tokenizer={"kind": "ids"}, seq_len=64, num_kv_pairs=8, vocab_size=30, num_train=None,
                        num_test=10, test=None, batch_size=4, val_batch_size=4, seed=0)
 
 
