@@ -414,9 +414,14 @@ def _measure_cached(key: str, micro_batch: int, micro_batches: int) -> Memory:
 def step_memory(cfg: dict[str, Any], tokenizer_state: dict[str, Any], micro_batch: int) -> Memory:
     """Peak memory of one optimizer step at this micro-batch: alone when it is the whole batch, else with the
     gradients of earlier micro-batches alive. Cached: presets that differ only in their cap share measurements."""
-    steady = {k: v for k, v in cfg.items() if k not in ("callbacks", "output_dir", "run_name")}
     micro_batches = 1 if micro_batch == cfg["data"]["batch_size"] else 2
-    return _measure_cached(json.dumps([steady, tokenizer_state], sort_keys=True), micro_batch, micro_batches)
+    return _measure_cached(run_key(cfg, tokenizer_state), micro_batch, micro_batches)
+
+
+def run_key(cfg: dict[str, Any], tokenizer_state: dict[str, Any]) -> str:
+    """What a measurement depends on: everything but the preset's cap and where the run would write."""
+    steady = {k: v for k, v in cfg.items() if k not in ("callbacks", "output_dir", "run_name")}
+    return json.dumps([steady, tokenizer_state], sort_keys=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -432,8 +437,7 @@ def val_batch_size(cfg: dict[str, Any]) -> int:
 
 def validation_batch(cfg: dict[str, Any], tokenizer_state: dict[str, Any], budget: int) -> tuple[int | None, Memory]:
     """(the largest of val_batch_size, /2, ... 1 whose validation batch fits, the memory at val_batch_size)."""
-    key = json.dumps([{k: v for k, v in cfg.items() if k not in ("callbacks", "output_dir", "run_name")},
-                      tokenizer_state], sort_keys=True)
+    key = run_key(cfg, tokenizer_state)
     size = val_batch_size(cfg)
     found = search_micro_batch(size, lambda b: _validation_cached(key, b).peak <= budget)
     return found, _validation_cached(key, size)
@@ -573,7 +577,8 @@ def format_plan(plan: Plan) -> str:
 
 
 def what_to_change(plan: Plan) -> str:
-    """One line for a run that does not fit even at micro-batch 1: what is over, and what would help."""
+    """One line for a run that does not fit (its step even at micro-batch 1, or its validation batch): what is
+    over, and what would help."""
     c = plan.configured
     if c.micro_batch is not None:  # the step fits; the validation batch does not
         fix = (f"set data.val_batch_size={plan.val_fits}" if plan.val_fits else
