@@ -267,3 +267,10 @@ def test_export_cli_writes_a_transformers_folder(make_cfg, tmp_path: Path, capsy
                            "remote_code=maybe"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "remote_code='maybe'" in errors[0], proc.stderr[-2000:]
+
+
+def test_without_transformers_format_hf_says_what_to_install(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    with pytest.raises(ConfigError, match=r"format=hf needs transformers .*pip install 'efficia\[hf\]'"):
+        efficia.save_pretrained(trained_like("gpt", ()), tmp_path / "out", format="hf")
+    assert list(tmp_path.iterdir()) == []

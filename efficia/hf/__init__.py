@@ -29,8 +29,19 @@ WEIGHTS = "model.safetensors"
 REMOTE_CLASS = "EfficiaForCausalLM"
 
 
+def require_transformers() -> None:
+    """format=hf needs the [hf] extra: one line saying so, not an ImportError from deep inside."""
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"format=hf needs transformers and tokenizers ({err}); pip install 'efficia[hf]' "
+                          "(or pip install -e '.[hf]' in a clone)") from None
+
+
 def write_hf(model: Any, run: dict[str, Any], folder: Path, remote_code: bool | None = None) -> str:
     """Write `model` (a LoadedModel) into the empty `folder`; returns which transformers class and why."""
+    require_transformers()
     from efficia.hf.native import choose
     from efficia.hf.tokenizer import hf_tokenizer
 
@@ -86,7 +97,13 @@ def _write_native(net: nn.Module, native: Any, folder: Path, eos: int | None) ->
         raise CheckpointError(f"export to {native.hf_class}: {(unexpected or sorted(set(missing) - set(aliases)))[0]} "
                               "does not fit its state dict")
     check_logits(net, lambda idx: hf(input_ids=idx).logits, native.hf_class)
-    hf.save_pretrained(str(folder))
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # one small folder: no "Writing model shards" bar
+    try:
+        hf.save_pretrained(str(folder))
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def _write_remote(net: nn.Module, model_cfg: dict[str, Any], folder: Path, eos: int | None) -> None:
@@ -149,6 +166,7 @@ def load_hf(folder: Path, device: str = "cpu") -> Any:
         source = {k.removeprefix(prefix): v for k, v in tensors.items()}
         _load_into(net, source, f"{folder / WEIGHTS}")
     else:
+        require_transformers()
         from transformers import AutoConfig
 
         from efficia.hf.native import NATIVE, convert, unique_tensors
