@@ -24,16 +24,15 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from efficia.checkpoint import LoadedModel, load
+from efficia.checkpoint import LoadedModel, build_net, load
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import CheckpointError, ConfigError, EfficiaError
 from efficia.hf import FORMAT as HF_FORMAT
 from efficia.hf import META as HF_META
 from efficia.hf import load_hf, write_hf
-from efficia.models import build_model
 
 FORMAT, VERSION = "efficia-pretrained", 1
 CONFIG, TOKENIZER, WEIGHTS = "config.json", "tokenizer.json", "model.safetensors"
@@ -117,20 +116,23 @@ def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
     if config.get("format") != FORMAT or not all(isinstance(config.get(k), dict) for k in ("model", "sampling")):
         raise CheckpointError(f"{folder / CONFIG} is not an efficia export config (no format/model/sampling); "
                               f"{HOW_TO_FIX}")
-    try:
-        tokenizer = tokenizer_from_state(_read_json(folder, TOKENIZER))
-        net = build_model(config["model"], tokenizer.vocab_size)
-    except EfficiaError as err:
-        raise CheckpointError(f"{folder}: {err}") from None
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; {HOW_TO_FIX}")
     try:
+        with safe_open(str(weights), "pt") as file:  # the header only: shapes of tensors a model takes as inputs
+            shapes = {name: file.get_slice(name).get_shape() for name in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise _not_loadable(weights, config, err) from None
+    try:
+        tokenizer = tokenizer_from_state(_read_json(folder, TOKENIZER))
+        net = build_net(config["model"], tokenizer.vocab_size, shapes)  # self-contained: the weights hold the table
+    except EfficiaError as err:
+        raise CheckpointError(f"{folder}: {err}") from None
+    try:
         load_model(net, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{weights} is corrupt or does not fit model={config['model'].get('name')} "
-                              f"as configured in {CONFIG} ({reason}); {HOW_TO_FIX}") from None
+        raise _not_loadable(weights, config, err) from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = {"model": config["model"], "tokenizer": config.get("tokenizer", {}), "sampling": config["sampling"]}
@@ -143,6 +145,12 @@ def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
 def load_any(path: str | Path, device: str = "cpu") -> LoadedModel:
     """A checkpoint file (`efficia.load`) or an exported folder (`from_pretrained`)."""
     return from_pretrained(path, device) if Path(path).expanduser().is_dir() else load(path, device)
+
+
+def _not_loadable(weights: Path, config: dict[str, Any], err: Exception) -> CheckpointError:
+    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"{weights} is corrupt or does not fit model={config['model'].get('name')} "
+                           f"as configured in {CONFIG} ({reason}); {HOW_TO_FIX}")
 
 
 def _read_json(folder: Path, name: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from efficia.errors import ConfigError
 from efficia.quantize import check_mode, quantize_int8
 from efficia.sampling_cli import sample
 from efficia.training import train
-from tests.conftest import EXTERNAL_TABLE, TINY_VOCAB, build_tiny, require_data, write_external_table
+from tests.conftest import EXTERNAL_TABLE, TINY_VOCAB, build_tiny, require_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,6 @@ def float_linears(model: nn.Module) -> list[nn.Linear]:
 
 @pytest.mark.parametrize("case", CASES, ids=" ".join)
 def test_int8_model_stays_close_and_decodes_like_itself(case: tuple[str, ...]) -> None:
-    write_external_table(EXTERNAL_TABLE)
     model = build_tiny(*case).eval()
     idx = torch.randint(TINY_VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -24,14 +24,12 @@ MLA-style latent attention.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.errors import ConfigError
 from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, SwiGLU, init_weights, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
@@ -138,37 +136,6 @@ class Adapter(nn.Module):
         return self.up(F.silu(self.w1(x)) * self.w2(x)) + self.skip(x)
 
 
-def load_external_table(source: str, key: str | None, vocab_size: int) -> Tensor:
-    """A frozen per-token table [vocab, d_ext]: the token embeddings of another efficia checkpoint (.ckpt) or a
-    matrix in a .safetensors file (`key` names it when the file holds several). Rows are token ids."""
-    path = Path(source).expanduser()
-    hint = "set model.external.source to an efficia .ckpt or a .safetensors matrix, or null for no adapter"
-    if not path.is_file():
-        raise ConfigError(f"efficientlm: external embedding source {path} does not exist; {hint}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        if key is None and len(tensors) != 1:
-            raise ConfigError(f"efficientlm: {path} holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); "
-                              "name one with model.external.key")
-        table = tensors[key] if key is not None else next(iter(tensors.values()))
-    else:
-        from efficia.checkpoint import read_checkpoint
-
-        weights = read_checkpoint(path)["state_dict"]
-        name = key or "net.tok_emb.weight"
-        if name not in weights:
-            raise ConfigError(f"efficientlm: checkpoint {path} has no tensor {name!r}; name one with "
-                              "model.external.key")
-        table = weights[name]
-    if table.dim() != 2 or table.shape[0] != vocab_size:
-        raise ConfigError(f"efficientlm: external table in {path} has shape {tuple(table.shape)}, expected "
-                          f"[{vocab_size}, d] (one row per token id of this tokenizer); use a table made with "
-                          "the same tokenizer")
-    return table.detach().float()
-
-
 class TemporalLatentAttention(Mixer):
     """MTLA as a mixer: latent query/KV/heads from `latent.py`, the chunk merge and stride-aware mask from
     here. Training attends with per-head K/V expanded (SDPA); decoding with the weights absorbed, straight
@@ -220,21 +187,31 @@ class TemporalLatentAttention(Mixer):
 @register("efficientlm")
 class EfficientLM(DecoderLM):
     """Pre-norm MTLA blocks with SwiGLU (`ffn_hidden`, 8/3·d in the yaml), RMSNorm, learned absolute positions
-    (in training and decoding alike), tied head, and the optional external-embedding adapter (`external.source`)."""
+    (in training and decoding alike), tied head, and the optional external-embedding adapter (`external.source`).
+
+    `external_table` [vocab, d_ext]: the frozen table itself, a tensor the caller gives (the model reads no files:
+    `efficia.checkpoint.build_net` reads it from `external.source`, or takes its shape from the weights being
+    loaded, so a checkpoint or export that holds the table never needs the source file again)."""
+
+    inputs = ("external_table",)  # constructor tensors that are not config keys (see registry.build_model)
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, max_seq_len: int,
                  dropout: float, kv_rank: int, qk_nope_head_dim: int, rope_dim: int, v_head_dim: int,
                  down_rate: int, ffn_hidden: int, rope_theta: float, norm_eps: float, external: dict[str, Any],
-                 gradient_checkpointing: bool) -> None:
+                 gradient_checkpointing: bool, external_table: Tensor | None = None) -> None:
         require(down_rate >= 1, f"efficientlm: down_rate must be >= 1, got {down_rate}; set model.down_rate")
         require(rope_dim >= 2 and rope_dim % 2 == 0,
                 f"efficientlm: rope_dim must be even and >= 2 (the decoupled RoPE key), got {rope_dim}")
         require(min(kv_rank, qk_nope_head_dim, v_head_dim, n_head) >= 1,
                 "efficientlm: kv_rank, qk_nope_head_dim, v_head_dim and n_head must be >= 1")
+        require((external["source"] is None) == (external_table is None),
+                "efficientlm: model.external.source and the external_table given must agree (build the model with "
+                "efficia.checkpoint.build_net, which reads the table)")
+        require(external_table is None or (external_table.dim() == 2 and external_table.shape[0] == vocab_size),
+                f"efficientlm: the external table must be [vocab_size={vocab_size}, d], got "
+                f"{None if external_table is None else tuple(external_table.shape)}")
         self.down_rate = down_rate
-        table = None
-        if external["source"] is not None:
-            table = load_external_table(str(external["source"]), external["key"], vocab_size)
+        table = None if external_table is None else external_table.detach().float()
 
         def make_block(_: int) -> PreNormBlock:
             mixer = TemporalLatentAttention(d_model, n_head, kv_rank, qk_nope_head_dim, rope_dim,
