@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
@@ -16,6 +15,7 @@ from efficia.callbacks import loggers_write_at
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import TrainingError
 from efficia.models import build_model
+from efficia.models.output import linear_cross_entropy
 
 
 class BitsPerByte(Metric):
@@ -67,15 +67,24 @@ class LanguageModule(L.LightningModule):
     def forward(self, idx: Tensor) -> Tensor:
         return self.net(idx)
 
-    def token_losses(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def loss(self, batch: tuple[Tensor, Tensor], reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the batch through the output unit (`loss.impl`: fused chunks or plain logits);
+        targets equal to `loss.ignore_index` count for nothing. "none": per-token losses [B*T] (0 where ignored)."""
         x, y = batch
-        logits = self.net(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        return losses, y
+        cfg = self.cfg["loss"]
+        rows = max(1, int(cfg["chunk_mb"] * 2**20) // (4 * self.net.head_weight.shape[0]))
+        return linear_cross_entropy(self.net.hidden(x), self.net.head_weight, y, impl=cfg["impl"], chunk_size=rows,
+                                    ignore_index=cfg["ignore_index"], reduction=reduction)
+
+    def token_losses(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-token losses and targets of the positions that count (ignore_index dropped), both flat."""
+        losses, y = self.loss(batch, reduction="none"), batch[1].flatten()
+        keep = y != self.cfg["loss"]["ignore_index"]
+        return (losses, y) if bool(keep.all()) else (losses[keep], y[keep])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        losses, y = self.token_losses(batch)
-        loss = losses.mean()
+        y = batch[1]
+        loss = self.loss(batch)
         if not torch.isfinite(loss):  # one host sync per step: the price of naming the step that diverged
             return self.non_finite(loss)
         self.tokens_seen += y.numel() * self.trainer.world_size
