@@ -57,14 +57,14 @@ def main() -> None:
     shape = (args.tokens, args.d, args.vocab, args.dtype)
     if args.child:
         job = json.loads(args.child)
-        step = make_step(job["case"], *shape)
+        step = make_step(job["case"], *job["shape"])
         step()  # warm: first-call allocations are not the steady state
         peak, how = peak_bytes_of(step, torch.device("cpu"))
         print(json.dumps({"peak_bytes": peak, "how": how}))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = ["plain", *[f"fused:{c}" for c in args.chunks], f"fused-recompute:{args.chunks[0]}"]
+    cases = ["plain", *[f"fused:{c}" for c in args.chunks], f"fused-recompute:{args.chunks[len(args.chunks) // 2]}"]
     steps = {case: make_step(case, *shape) for case in cases}
     for step in steps.values():
         step()
@@ -74,7 +74,7 @@ def main() -> None:
             start = time.perf_counter()
             steps[case]()
             times[case].append(time.perf_counter() - start)
-    memory = {case: run_child(__file__, {"case": case}) for case in cases}
+    memory = {case: run_child(__file__, {"case": case, "shape": shape}) for case in cases}
     plain_t = statistics.median(times["plain"])
     plain_m = memory["plain"].get("peak_bytes")
     print(f"\ntokens {args.tokens}, d {args.d}, vocab {args.vocab}, {args.dtype}, {torch.get_num_threads()} threads, "

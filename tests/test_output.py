@@ -20,7 +20,7 @@ from efficia.models import MODELS
 from efficia.models.output import linear_cross_entropy
 from efficia.module import LanguageModule
 
-N, C, V = 39, 16, 50  # 39 tokens: chunks of 5, 7 and 16 all leave a ragged last chunk
+N, C, V = 39, 16, 50  # 39 tokens: chunks of 5, 7, 16 and 38 all leave a ragged last chunk
 
 
 def inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,7 +40,7 @@ def loss_and_grads(impl: str, reduction: str, chunk: int, hidden, weight, target
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("chunk", [1, 5, 7, 16, 39, 100])
+@pytest.mark.parametrize("chunk", [1, 5, 7, 16, 38])
 def test_fused_equals_plain(reduction: str, chunk: int) -> None:
     hidden, weight, targets = inputs()
     upstream = torch.rand(N) + 0.5 if reduction == "none" else torch.tensor(1.7)  # not 1: backward must scale

@@ -31,8 +31,9 @@ TINY = 1e-30  # below this a softmax probability has lost its digits: that row's
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, impl: str = "fused",
                          chunk_size: int = 256, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
     """Cross-entropy of `hidden[..., C] @ weight[V, C].T` against `targets[...]`; "none" returns losses[N]
-    (flattened, 0 where ignored). `impl`: "fused" (chunked, no [N, V] tensor) or "plain" (F.linear +
-    F.cross_entropy)."""
+    (flattened, 0 where ignored). `impl`: "fused" (chunks of `chunk_size` rows, no [N, V] tensor) or "plain"
+    (F.linear + F.cross_entropy). When all N rows fit in one chunk (a character vocabulary) the plain path runs:
+    it holds the same logits and measures faster there (docs/bpe-speed.md)."""
     if impl not in IMPLS:
         raise ConfigError(f"loss.impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -40,7 +41,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, imp
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    if impl == "plain":
+    if impl == "plain" or hidden.shape[0] <= chunk_size:  # one chunk holds every logit: plain is that, with fewer ops
         return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index,
                                reduction=reduction)
     if hidden.is_cuda and cut_cross_entropy() is not None:
