@@ -193,3 +193,18 @@ def test_generate_asks_for_last_position_logits_only(name: str, tmp_path) -> Non
         for _ in range(4):
             expected = torch.cat([expected, net(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fused_equals_plain() -> None:
+    """On a GPU the fused path is Cut Cross-Entropy when installed (pip install .[gpu]), else ours."""
+    hidden, weight, targets = (t.detach().cuda() for t in inputs())
+    hidden.requires_grad_(), weight.requires_grad_()
+    for reduction in ("mean", "none"):
+        upstream = torch.ones(N, device="cuda") if reduction == "none" else None
+        ref, ref_grads = loss_and_grads("plain", reduction, 7, hidden, weight, targets, upstream)
+        got, got_grads = loss_and_grads("fused", reduction, 7, hidden, weight, targets, upstream)
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+        for g, r in zip(got_grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-3)

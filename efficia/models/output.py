@@ -80,7 +80,7 @@ def chunk_losses(logits: Tensor, targets: Tensor, valid: Tensor, h: Tensor, w: T
 
 
 def chunk_grads(probs: Tensor, targets: Tensor, row_weight: Tensor, h: Tensor, w: Tensor,
-                grad_h: Tensor, grad_w: Tensor) -> None:
+                grad_h: Tensor, grad_w: Tensor, first: bool) -> None:
     """From a chunk's softmax: grad_h[c, C] = row_weight * (p - y) @ w; grad_w[V, C] += (p - y).T @ (row_weight * h).
     The row weights (0 on ignored rows) scale the small [c, C] sides, never the [c, V] one."""
     valid = row_weight != 0
@@ -88,10 +88,11 @@ def chunk_grads(probs: Tensor, targets: Tensor, row_weight: Tensor, h: Tensor, w
     g = probs.to(w.dtype)
     torch.mm(g, w, out=grad_h)
     grad_h.mul_(row_weight[:, None])
-    if grad_w.dtype == g.dtype:
-        grad_w.addmm_(g.T, h * row_weight[:, None].to(h.dtype))
+    hw = h * row_weight[:, None].to(h.dtype)
+    if grad_w.dtype == g.dtype:  # the first chunk writes grad_w (no zero-fill of [V, C]), the others add
+        torch.mm(g.T, hw, out=grad_w) if first else grad_w.addmm_(g.T, hw)
     else:  # autocast: a low-precision product, accumulated in fp32
-        grad_w.add_(g.T @ (h * row_weight[:, None].to(h.dtype)))
+        grad_w.copy_(g.T @ hw) if first else grad_w.add_(g.T @ hw)
 
 
 def chunked_pass(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, ignore_index: int,
@@ -104,7 +105,7 @@ def chunked_pass(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: in
     valid_all = targets != ignore_index
     losses = torch.empty(N, dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty(N, hidden.shape[1], dtype=dtype, device=hidden.device) if row_weight is not None else None
-    grad_w = torch.zeros(V, weight.shape[1], dtype=torch.float32, device=hidden.device) \
+    grad_w = torch.empty(V, weight.shape[1], dtype=torch.float32, device=hidden.device) \
         if row_weight is not None else None
     buffer = torch.empty(min(chunk_size, N), V, dtype=dtype, device=hidden.device)
     for s in range(0, N, chunk_size):
@@ -114,7 +115,7 @@ def chunked_pass(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: in
         logits = z if dtype == torch.float32 else z.float()
         losses[s:e] = chunk_losses(logits, t, valid, h, w)
         if row_weight is not None:
-            chunk_grads(logits, t, row_weight[s:e] * valid, h, w, grad_h[s:e], grad_w)
+            chunk_grads(logits, t, row_weight[s:e] * valid, h, w, grad_h[s:e], grad_w, first=s == 0)
     return losses, grad_h, grad_w
 
 
