@@ -149,7 +149,7 @@ def profile(args: argparse.Namespace) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        stats = {impl: {"ms": [], "sys_ms": [], "faults": []} for impl in loops}
+        stats = {impl: {"ms": [], "cpu_ms": [], "sys_ms": [], "faults": []} for impl in loops}
         for impl in loops:
             step(impl)
         for i in range(args.steps):
@@ -159,12 +159,16 @@ def profile(args: argparse.Namespace) -> None:
                 after = resource.getrusage(resource.RUSAGE_SELF)
                 stats[impl]["ms"].append((time.perf_counter() - start) * 1000)
                 stats[impl]["sys_ms"].append((after.ru_stime - before.ru_stime) * 1000)
+                stats[impl]["cpu_ms"].append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+                                             * 1000)
                 stats[impl]["faults"].append(after.ru_minflt - before.ru_minflt)
         print(f"\nbare step (forward, loss, backward, clip, AdamW), gpt scale=small, 24 x 64 GPT-2 tokens, "
               f"{torch.get_num_threads()} threads, medians of {args.steps} alternating steps\n"
-              "| loss.impl | ms/step | kernel (sys) ms/step | minor page faults/step |\n|---|---|---|---|")
+              "| loss.impl | wall ms/step | CPU (user+sys) ms/step | kernel (sys) ms/step | minor page faults/step |"
+              "\n|---|---|---|---|---|")
         for impl, s in stats.items():
-            print(f"| {impl} | {statistics.median(s['ms']):.0f} | {statistics.median(s['sys_ms']):.0f} | "
+            print(f"| {impl} | {statistics.median(s['ms']):.0f} | {statistics.median(s['cpu_ms']):.0f} | "
+                  f"{statistics.median(s['sys_ms']):.0f} | "
                   f"{statistics.median(s['faults']):,.0f} |")
         for impl in loops:
             with torch.profiler.profile(profile_memory=True) as prof:
