@@ -85,7 +85,7 @@ def generate_tokens(model: LanguageModel, prompt: Tensor, max_new_tokens: int, *
         if limit is not None and context.shape[1] > limit:
             context = context[:, -limit:]
         cache = model.new_cache(batch)
-        logits = model(context, cache=cache)[:, -1]
+        logits = model.last_logits(context, cache=cache)
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, prompt, True)
         for _ in range(max_new_tokens):
             token = next_token(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -96,9 +96,9 @@ def generate_tokens(model: LanguageModel, prompt: Tensor, max_new_tokens: int, *
             if limit is not None and cache.pos >= limit:
                 context = context[:, -(limit // 2):]
                 cache = model.new_cache(batch)
-                logits = model(context, cache=cache)[:, -1]
+                logits = model.last_logits(context, cache=cache)
             else:
-                logits = model(token[:, None], cache=cache)[:, -1]
+                logits = model.last_logits(token[:, None], cache=cache)
             if limit is None:
                 context = context[:, -1:]  # an unbounded model never needs the text back
     finally:

@@ -78,8 +78,8 @@ class GPUMemoryBudget(Callback):
             try:
                 idx = torch.randint(vocab, (micro_batch, seq_len + 1), device=pl_module.device)
                 with trainer.precision_plugin.forward_context():
-                    losses, _ = pl_module.token_losses((idx[:, :-1], idx[:, 1:]))
-                losses.mean().backward()
+                    loss = pl_module.loss((idx[:, :-1], idx[:, 1:]))
+                loss.backward()
                 return torch.cuda.max_memory_allocated() + optimizer_bytes <= self.budget * (1 - self.headroom)
             except torch.cuda.OutOfMemoryError:
                 return False
