@@ -64,7 +64,7 @@ class LanguageModule(L.LightningModule):
         self.val_bpb = BitsPerByte()
         self.recall_acc = self.answer_accuracy()
         self.recall_acc_by_set = torch.nn.ModuleList()  # one per named validation set, made in setup()
-        self.val_names: list[str] = ["val"]
+        self.val_names: list[str] = []  # the validation sets' names when there are several
         self.tokens_seen = 0
         # one training window: Lightning's model summary counts its forward FLOPs (instead of "Total FLOPs: 0")
         seq_len = cfg.get("data", {}).get("seq_len") or cfg["model"]["max_seq_len"]

@@ -253,3 +253,10 @@ def test_sweep_report_has_recall_columns_and_plot(make_cfg, tmp_path: Path) -> N
     md = (sweep / "summary.md").read_text()
     assert "## Recall" in md and "| 32x2 | 32x4 | 64x4 |" in md and "| `model=yinggem` |" in md
     assert (sweep / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_single_test_setting_logs_the_overall_accuracy_only(make_cfg) -> None:
+    """data.test=null (the training setting only, as plain data=mqar has): one validation set, no per-set names."""
+    result = train(make_cfg(*TINY, "data.test=null", "debug=fast_dev_run"))
+    assert 0 <= result["metrics"]["val/recall_acc"] <= 1
+    assert not [k for k in result["metrics"] if k.startswith("val/recall_acc/")]
