@@ -39,14 +39,17 @@ def apply_top_p(logits: Tensor, p: float | None) -> Tensor:
     p=0 keeps only the most likely token, as Hugging Face does).
 
     The running sum is taken in float64: in float32 over a 50k vocabulary it drifts by ~1e-5, which
-    at p=0.999 moves the cut by hundreds of tokens.
+    at p=0.999 moves the cut by hundreds of tokens. Even in float64 a sum that reaches p exactly
+    (uniform logits over 10 tokens, p=0.8: 8 tokens) can land a rounding error below it, so "reaches"
+    allows the sum's own rounding bound (a few V·eps).
     """
     if p is None or p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.double().softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
-    drop_sorted = before >= p  # the tokens before it already reach p
+    rounding = 4 * logits.shape[-1] * torch.finfo(torch.float64).eps
+    drop_sorted = before >= p - rounding  # the tokens before it already reach p
     drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
