@@ -18,6 +18,7 @@ from efficia.checkpoint import build_net
 from efficia.data.base import IGNORE, DataModule
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import TrainingError
+from efficia.models.decoder import DecoderLM
 from efficia.models.output import linear_cross_entropy
 
 
@@ -64,7 +65,7 @@ class LanguageModule(L.LightningModule):
         self.val_bpb = BitsPerByte()
         self.recall_acc = self.answer_accuracy()
         self.recall_acc_by_set = torch.nn.ModuleList()  # one per named validation set, made in setup()
-        self.val_names: list[str] = []  # the validation sets' names when there are several
+        self.val_names: list[str] = ["val"]
         self.tokens_seen = 0
         # one training window: Lightning's model summary counts its forward FLOPs (instead of "Total FLOPs: 0")
         seq_len = cfg.get("data", {}).get("seq_len") or cfg["model"]["max_seq_len"]
@@ -86,20 +87,29 @@ class LanguageModule(L.LightningModule):
             self.val_names = list(names)
             self.recall_acc_by_set = torch.nn.ModuleList(self.answer_accuracy() for _ in names)
 
-    def loss(self, batch: tuple[Tensor, Tensor], reduction: str = "mean") -> Tensor:
-        """Cross-entropy of the batch through the output unit (`loss.impl`: fused chunks or plain logits);
-        targets equal to `loss.ignore_index` count for nothing. "none": per-token losses [B*T] (0 where ignored)."""
-        x, y = batch
+    def outputs(self, x: Tensor) -> Tensor:
+        """Final hidden states [B, T, C] of a DecoderLM (the output unit makes logits only chunk by chunk); logits
+        [B, T, V] of a net that keeps only the logits contract (a test double)."""
+        return self.net.hidden(x) if isinstance(self.net, DecoderLM) else self.net(x)
+
+    def output_loss(self, out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of `outputs(x)` through the output unit (`loss.impl`: fused chunks or plain logits);
+        a target of IGNORE (-100) costs 0 and is not counted. "none": per-position nats [B*T]."""
+        if not isinstance(self.net, DecoderLM):
+            return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction=reduction)
         cfg = self.cfg["loss"]
         rows = max(1, int(cfg["chunk_mb"] * 2**20) // (4 * self.net.head_weight.shape[0]))
-        return linear_cross_entropy(self.net.hidden(x), self.net.head_weight, y, impl=cfg["impl"], chunk_size=rows,
-                                    ignore_index=cfg["ignore_index"], reduction=reduction)
+        return linear_cross_entropy(out, self.net.head_weight, y, impl=cfg["impl"], chunk_size=rows,
+                                    ignore_index=IGNORE, reduction=reduction)
+
+    def loss(self, batch: tuple[Tensor, Tensor], reduction: str = "mean") -> Tensor:
+        """The training loss of a batch: the mean over scored positions only."""
+        x, y = batch
+        return self.output_loss(self.outputs(x), y, reduction)
 
     def token_losses(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-token losses and targets of the positions that count (ignore_index dropped), both flat."""
-        losses, y = self.loss(batch, reduction="none"), batch[1].flatten()
-        keep = y != self.cfg["loss"]["ignore_index"]
-        return (losses, y) if bool(keep.all()) else (losses[keep], y[keep])
+        """Per-position nats [B*T] (0 where IGNORE) and the targets [B, T]."""
+        return self.loss(batch, reduction="none"), batch[1]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         y = batch[1]
@@ -127,19 +137,19 @@ class LanguageModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
-        scored = y != self.cfg["loss"]["ignore_index"]
-        if bool(scored.all()):  # language modelling: every position counts, through the output unit
-            losses, targets = self.token_losses(batch)
-        else:  # a target mask (recall tasks): logits of the scored positions only, for loss and accuracy
-            logits = F.linear(self.net.hidden(x)[scored], self.net.head_weight)  # [N, V]
-            targets = y[scored]
-            losses = F.cross_entropy(logits.float(), targets, reduction="none")
-            predictions = logits.argmax(-1)
-            self.recall_acc.update(predictions, targets)
+        out = self.outputs(x)  # [B, T, C]: no [B, T, V] logits (GPT-2: 823 MB for a 64 x 64 batch)
+        losses, targets = self.output_loss(out, y, "none"), y.flatten()
+        scored = targets != IGNORE
+        self.val_loss.update(losses[scored])
+        self.val_bpb.update(losses[scored], self.token_bytes[targets[scored]])
+        if not bool(scored.all()):  # a batch with a target mask (recall tasks): accuracy on its answers
+            predictions = torch.zeros_like(targets)  # logits of the scored positions only
+            rows = out.flatten(0, 1)[scored]
+            predictions[scored] = (self.net.lm_head(rows) if isinstance(self.net, DecoderLM) else rows).argmax(-1)
+            predictions = predictions.view_as(y)
+            self.recall_acc.update(predictions, y)
             if len(self.recall_acc_by_set):
-                self.recall_acc_by_set[dataloader_idx].update(predictions, targets)
-        self.val_loss.update(losses)
-        self.val_bpb.update(losses, self.token_bytes[targets])
+                self.recall_acc_by_set[dataloader_idx].update(predictions, y)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -147,8 +157,9 @@ class LanguageModule(L.LightningModule):
         if self.recall_acc.update_called:
             values["val/recall_acc"] = self.recall_acc.compute()
         self.log_dict(values, prog_bar=True, sync_dist=False)
-        by_set = zip(self.val_names, self.recall_acc_by_set, strict=True) if len(self.recall_acc_by_set) else ()
-        per_set = {f"val/recall_acc/{name}": metric.compute() for name, metric in by_set if metric.update_called}
+        per_set = {f"val/recall_acc/{name}": metric.compute()
+                   for name, metric in zip(self.val_names, self.recall_acc_by_set, strict=False)  # empty: one set
+                   if metric.update_called}
         if per_set:
             self.log_dict(per_set, sync_dist=False)
         for metric in (self.val_loss, self.val_bpb, self.recall_acc, *self.recall_acc_by_set):

@@ -171,8 +171,7 @@ def training_step(module, optimizer, plugin, batches: Sequence[torch.Tensor], cl
     for batch in batches:
         phase("activations")
         with plugin.forward_context():
-            losses, _ = module.token_losses((batch[:, :-1], batch[:, 1:]))
-            loss = losses.mean() / len(batches)
+            loss = module.loss((batch[:, :-1], batch[:, 1:])) / len(batches)
         phase("transient")
         loss.backward()
     if clip:

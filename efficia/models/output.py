@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from efficia.errors import ConfigError
 
@@ -73,7 +74,7 @@ def chunk_losses(logits: Tensor, targets: Tensor, valid: Tensor, h: Tensor, w: T
     p = logits.gather(1, safe).squeeze(1)  # [c]
     losses = -p.log()
     tiny = (p < TINY) & valid
-    if tiny.any():  # rare: recompute those rows' logits exactly (logsumexp - z_t)
+    if not is_fake(p) and bool(tiny.any()):  # rare: recompute those rows' logits exactly (logsumexp - z_t)
         z = (h[tiny] @ w.T).float()  # [k, V]
         losses[tiny] = z.logsumexp(-1) - z.gather(1, safe[tiny]).squeeze(1)
     return losses.masked_fill_(~valid, 0.0)
@@ -154,7 +155,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                                                  grad_out.float())
         else:
             grad_h, grad_w = ctx.saved_tensors
-            if grad_out.item() != 1.0:  # the usual loss.backward() needs no pass over the gradients
+            if is_fake(grad_out) or grad_out.item() != 1.0:  # loss.backward() needs no pass over the gradients
                 grad_h, grad_w = grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.float()
         grad_h = grad_h.to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
