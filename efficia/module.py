@@ -18,6 +18,7 @@ from efficia.checkpoint import build_net
 from efficia.data.base import IGNORE, DataModule
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import TrainingError
+from efficia.models.output import linear_cross_entropy
 
 
 class BitsPerByte(Metric):
@@ -63,7 +64,7 @@ class LanguageModule(L.LightningModule):
         self.val_bpb = BitsPerByte()
         self.recall_acc = self.answer_accuracy()
         self.recall_acc_by_set = torch.nn.ModuleList()  # one per named validation set, made in setup()
-        self.val_names: list[str] = ["val"]
+        self.val_names: list[str] = []  # the validation sets' names when there are several
         self.tokens_seen = 0
         # one training window: Lightning's model summary counts its forward FLOPs (instead of "Total FLOPs: 0")
         seq_len = cfg.get("data", {}).get("seq_len") or cfg["model"]["max_seq_len"]
@@ -85,18 +86,24 @@ class LanguageModule(L.LightningModule):
             self.val_names = list(names)
             self.recall_acc_by_set = torch.nn.ModuleList(self.answer_accuracy() for _ in names)
 
-    @staticmethod
-    def losses_of(logits: Tensor, y: Tensor) -> Tensor:
-        """Per-position nats [B*T]; a target of IGNORE (-100) costs 0 and is not counted by the callers."""
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
+    def loss(self, batch: tuple[Tensor, Tensor], reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the batch through the output unit (`loss.impl`: fused chunks or plain logits);
+        targets equal to `loss.ignore_index` count for nothing. "none": per-token losses [B*T] (0 where ignored)."""
+        x, y = batch
+        cfg = self.cfg["loss"]
+        rows = max(1, int(cfg["chunk_mb"] * 2**20) // (4 * self.net.head_weight.shape[0]))
+        return linear_cross_entropy(self.net.hidden(x), self.net.head_weight, y, impl=cfg["impl"], chunk_size=rows,
+                                    ignore_index=cfg["ignore_index"], reduction=reduction)
 
     def token_losses(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        x, y = batch
-        return self.losses_of(self.net(x), y), y
+        """Per-token losses and targets of the positions that count (ignore_index dropped), both flat."""
+        losses, y = self.loss(batch, reduction="none"), batch[1].flatten()
+        keep = y != self.cfg["loss"]["ignore_index"]
+        return (losses, y) if bool(keep.all()) else (losses[keep], y[keep])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        losses, y = self.token_losses(batch)
-        loss = losses.sum() / (y != IGNORE).sum().clamp(min=1)  # the mean over scored positions only
+        y = batch[1]
+        loss = self.loss(batch)
         if not torch.isfinite(loss):  # one host sync per step: the price of naming the step that diverged
             return self.non_finite(loss)
         self.tokens_seen += y.numel() * self.trainer.world_size
@@ -120,16 +127,19 @@ class LanguageModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
-        logits = self.net(x)
-        losses, targets = self.losses_of(logits, y), y.flatten()
-        scored = targets != IGNORE
-        self.val_loss.update(losses[scored])
-        self.val_bpb.update(losses[scored], self.token_bytes[targets[scored]])
-        if not bool(scored.all()):  # a batch with a target mask (recall tasks): accuracy on its answers
+        scored = y != self.cfg["loss"]["ignore_index"]
+        if bool(scored.all()):  # language modelling: every position counts, through the output unit
+            losses, targets = self.token_losses(batch)
+        else:  # a target mask (recall tasks): logits of the scored positions only, for loss and accuracy
+            logits = F.linear(self.net.hidden(x)[scored], self.net.head_weight)  # [N, V]
+            targets = y[scored]
+            losses = F.cross_entropy(logits.float(), targets, reduction="none")
             predictions = logits.argmax(-1)
-            self.recall_acc.update(predictions, y)
+            self.recall_acc.update(predictions, targets)
             if len(self.recall_acc_by_set):
-                self.recall_acc_by_set[dataloader_idx].update(predictions, y)
+                self.recall_acc_by_set[dataloader_idx].update(predictions, targets)
+        self.val_loss.update(losses)
+        self.val_bpb.update(losses, self.token_bytes[targets])
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -137,8 +147,8 @@ class LanguageModule(L.LightningModule):
         if self.recall_acc.update_called:
             values["val/recall_acc"] = self.recall_acc.compute()
         self.log_dict(values, prog_bar=True, sync_dist=False)
-        per_set = {f"val/recall_acc/{name}": metric.compute()
-                   for name, metric in zip(self.val_names, self.recall_acc_by_set, strict=True) if metric.update_called}
+        by_set = zip(self.val_names, self.recall_acc_by_set, strict=True) if len(self.recall_acc_by_set) else ()
+        per_set = {f"val/recall_acc/{name}": metric.compute() for name, metric in by_set if metric.update_called}
         if per_set:
             self.log_dict(per_set, sync_dist=False)
         for metric in (self.val_loss, self.val_bpb, self.recall_acc, *self.recall_acc_by_set):

@@ -46,13 +46,19 @@ class RunRecord(Callback):
         self.train_tokens = 0       # tokens in timed training intervals (batch end to batch end)
         self.train_s = 0.0
         self.fit_start: float | None = None
+        self.cpu_start = 0.0         # process CPU seconds at fit start: on a shared machine, what the run itself used
+        self.prior_cpu_s = 0.0
         self.last_end: float | None = None
 
     def wall_s(self) -> float:
         return self.prior_wall_s + (time.perf_counter() - self.fit_start if self.fit_start is not None else 0.0)
 
+    def cpu_s(self) -> float:
+        return self.prior_cpu_s + time.process_time() - self.cpu_start
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start = time.perf_counter()
+        self.cpu_start = time.process_time()
         update_wandb_summary(trainer, static_facts(pl_module))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
@@ -75,7 +81,7 @@ class RunRecord(Callback):
             return
         m = trainer.callback_metrics
         entry = {"step": trainer.global_step, "tokens": float(getattr(pl_module, "tokens_seen", 0)),
-                 "wall_s": self.wall_s(), "time": time.time(), "loss": float(m["val/loss"]),
+                 "wall_s": self.wall_s(), "cpu_s": self.cpu_s(), "time": time.time(), "loss": float(m["val/loss"]),
                  "bpb": float(m["val/bpb"]) if "val/bpb" in m else math.nan}
         if RECALL in m:  # recall data: the answers' accuracy, overall and per test setting (`<T>x<P>`)
             entry["recall_acc"] = float(m[RECALL])
@@ -95,6 +101,7 @@ class RunRecord(Callback):
             "steps": trainer.global_step,
             "tokens": float(getattr(pl_module, "tokens_seen", 0)),
             "wall_s": self.wall_s(),
+            "cpu_s": self.cpu_s(),
             "tokens_per_s": self.train_tokens / self.train_s if self.train_s > 0 else math.nan,
             "best_val_loss": best["loss"] if best else math.nan,
             "best_val_bpb": best["bpb"] if best else math.nan,  # bpb at the best-loss validation
@@ -112,11 +119,12 @@ class RunRecord(Callback):
         tmp.replace(self.path)  # a reader never sees half a record
 
     def state_dict(self) -> dict[str, Any]:
-        return {"val": self.val, "wall_s": self.wall_s()}
+        return {"val": self.val, "wall_s": self.wall_s(), "cpu_s": self.cpu_s()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.val = list(state_dict.get("val", []))
         self.prior_wall_s = float(state_dict.get("wall_s", 0.0))
+        self.prior_cpu_s = float(state_dict.get("cpu_s", 0.0))
 
 
 def recall_summary(val: list[dict[str, Any]]) -> dict[str, Any]:
@@ -146,7 +154,7 @@ def update_wandb_summary(trainer: L.Trainer, values: dict[str, Any]) -> None:
 # -- the sweep report -----------------------------------------------------------------------------
 
 COLUMNS = ["job", "overrides", "model", "params", "steps", "tokens", "best_val_loss", "best_val_bpb",
-           "final_val_loss", "final_val_bpb", "wall_s", "tokens_per_s",
+           "final_val_loss", "final_val_bpb", "wall_s", "cpu_s", "tokens_per_s",
            *(f"cache_bytes@{n}" for n in CACHE_LENGTHS), "final_recall_acc", "best_recall_acc", "status"]
 
 

@@ -19,14 +19,14 @@ import torch
 from omegaconf import OmegaConf
 
 import efficia
-from efficia.checkpoint import LoadedModel
+from efficia.checkpoint import LoadedModel, build_net
 from efficia.config import compose_run
 from efficia.data.tokenizers import ByteTokenizer, CharTokenizer, TiktokenTokenizer
 from efficia.errors import CheckpointError, ConfigError
 from efficia.export import main as export_main
 from efficia.generate import generate
 from efficia.hf import native, remote
-from efficia.models import MODELS, build_model
+from efficia.models import MODELS
 from efficia.training import train
 from tests.conftest import ROOT, TINY_VOCAB, build_tiny, require_data
 from tests.test_models import VARIANTS
@@ -44,10 +44,7 @@ NATIVE = {"optimus": "DeepseekV2ForCausalLM", "optimus[model.decode=expanded]": 
           "gpt[model.bias=true]": "Starcoder2ForCausalLM",
           "gpt[model.bias=true model.pos_emb=learned]": "GPT2LMHeadModel"}
 EXTRA = {"gpt": [("model.bias=true",), ("model.bias=true", "model.pos_emb=learned")]}
-# efficientlm reads its external table through efficia.checkpoint (a function-level import the bundle refuses)
-# until branch `models` moves that file I/O out of the model: then it joins the cases.
-PENDING = {"efficientlm"}
-CASES = [(name, v) for name in sorted(set(MODELS) - PENDING) for v in [*VARIANTS.get(name, [()]), *EXTRA.get(name, [])]]
+CASES = [(name, v) for name in sorted(MODELS) for v in [*VARIANTS.get(name, [()]), *EXTRA.get(name, [])]]
 CASE_IDS = [name + (f"[{' '.join(v)}]" if v else "") for name, v in CASES]
 REMOTE_ANYWAY = "optimus[remote_code]"  # the remote-code path on a model that also has a native class
 
@@ -58,7 +55,7 @@ def trained_like(name: str, variant: tuple[str, ...], seed: int = 0) -> LoadedMo
     """Tiny `name` with trained-like weights (gates and merges far from neutral, peaked logits: no near-ties)."""
     cfg = OmegaConf.to_container(compose_run([f"model={name}", "scale=tiny", *variant, LONG], "/tmp"), resolve=True)
     torch.manual_seed(seed)
-    net = randomise(build_model(cfg["model"], TINY_VOCAB), seed)
+    net = randomise(build_net(cfg["model"], TINY_VOCAB), seed)
     return LoadedModel(net.eval(), CharTokenizer(CHARS), cfg)
 
 
@@ -158,7 +155,7 @@ def test_native_folders_carry_no_code_and_remote_folders_carry_efficias(exported
             assert {"modeling_efficia.py", "configuration_efficia.py", "decoder.py", "blocks.py"} <= files, case
 
 
-@pytest.mark.parametrize("name", sorted(set(MODELS) - PENDING))
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_remote_code_is_efficias_source_with_only_its_imports_rewritten(name: str) -> None:
     """The bundle is generated from the model's own modules: no line but an import may differ from efficia's."""
     files = remote.remote_files(build_tiny(name))
@@ -267,3 +264,10 @@ def test_export_cli_writes_a_transformers_folder(make_cfg, tmp_path: Path, capsy
                            "remote_code=maybe"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "remote_code='maybe'" in errors[0], proc.stderr[-2000:]
+
+
+def test_without_transformers_format_hf_says_what_to_install(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    with pytest.raises(ConfigError, match=r"format=hf needs transformers .*pip install 'efficia\[hf\]'"):
+        efficia.save_pretrained(trained_like("gpt", ()), tmp_path / "out", format="hf")
+    assert list(tmp_path.iterdir()) == []

@@ -91,7 +91,7 @@ def test_impossible_settings_are_refused_with_one_line(tmp_path: Path) -> None:
         MQARDataModule(tokenizer={"kind": "ids"}, seq_len=32, num_kv_pairs=4, vocab_size=512, num_train=None,
                        num_test=10, test=[[32, 4], [64, 40]], batch_size=4, val_batch_size=4, seed=0)
     with pytest.raises(DataError, match="too few for 8 distinct keys"):
-        MQARDataModule(tokenizer={"kind": "ids"}, seq_len=64, num_kv_pairs=8, vocab_size=40, num_train=None,
+        MQARDataModule(tokenizer={"kind": "ids"}, seq_len=64, num_kv_pairs=8, vocab_size=30, num_train=None,
                        num_test=10, test=None, batch_size=4, val_batch_size=4, seed=0)
 
 
@@ -121,7 +121,14 @@ class Oracle(nn.Module):
         self.vocab, self.miss = vocab, miss
         self.bias = nn.Parameter(torch.zeros(()))  # the optimizer needs one parameter
 
+    @property
+    def head_weight(self) -> Tensor:  # the output unit's contract: logits = hidden @ head_weight.T
+        return torch.eye(self.vocab)
+
     def forward(self, x: Tensor) -> Tensor:
+        return self.hidden(x)
+
+    def hidden(self, x: Tensor) -> Tensor:
         B, T = x.shape
         earlier = torch.ones(T, T, dtype=torch.bool).tril(-1)                                   # [T, T] j < t
         seen = (x[:, :, None] == x[:, None, :]) & earlier                                       # [B, T, T]
@@ -246,3 +253,10 @@ def test_sweep_report_has_recall_columns_and_plot(make_cfg, tmp_path: Path) -> N
     md = (sweep / "summary.md").read_text()
     assert "## Recall" in md and "| 32x2 | 32x4 | 64x4 |" in md and "| `model=yinggem` |" in md
     assert (sweep / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_single_test_setting_logs_the_overall_accuracy_only(make_cfg) -> None:
+    """data.test=null (the training setting only, as plain data=mqar has): one validation set, no per-set names."""
+    result = train(make_cfg(*TINY, "data.test=null", "debug=fast_dev_run"))
+    assert 0 <= result["metrics"]["val/recall_acc"] <= 1
+    assert not [k for k in result["metrics"] if k.startswith("val/recall_acc/")]

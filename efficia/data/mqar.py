@@ -45,9 +45,9 @@ def check_setting(seq_len: int, num_kv_pairs: int, vocab_size: int, what: str = 
         raise DataError(f"{what}: {num_kv_pairs} key/value pairs need seq_len >= {4 * num_kv_pairs} (2 tokens per "
                         f"pair, then room for {num_kv_pairs} queries), got seq_len={seq_len}; lower num_kv_pairs "
                         "or raise seq_len")
-    if vocab_size // 2 - 1 < num_kv_pairs * 4:
+    if vocab_size // 2 - 1 < num_kv_pairs * 2:  # rows with a repeated key are drawn again: keep repeats rare
         raise DataError(f"{what}: vocab_size={vocab_size} gives {vocab_size // 2 - 1} key tokens, too few for "
-                        f"{num_kv_pairs} distinct keys drawn at random (need at least {4 * num_kv_pairs}); "
+                        f"{num_kv_pairs} distinct keys drawn at random (need at least {2 * num_kv_pairs}); "
                         "raise data.vocab_size")
 
 
@@ -58,9 +58,11 @@ def pair_hash(kv: Tensor) -> Tensor:
 
 
 def distinct(g: torch.Generator, n: int, low: int, high: int, k: int) -> Tensor:
-    """[n, k] integers from [low, high), distinct within each row: rows with a repeat are drawn again."""
+    """[n, k] integers from [low, high), distinct within each row, in random order."""
+    if k * k > high - low:  # repeats would be common: the first k of a random order of the whole range
+        return torch.rand(n, high - low, generator=g).argsort(1)[:, :k] + low
     out = torch.randint(low, high, (n, k), generator=g)
-    while True:
+    while True:  # rows with a repeat (rare here) are drawn again
         ordered = out.sort(1).values
         repeats = (ordered[:, 1:] == ordered[:, :-1]).any(1)
         if not repeats.any():
@@ -68,16 +70,23 @@ def distinct(g: torch.Generator, n: int, low: int, high: int, k: int) -> Tensor:
         out[repeats] = torch.randint(low, high, (int(repeats.sum()), k), generator=g)
 
 
-def candidates(g: torch.Generator, n: int, seq_len: int, num_kv_pairs: int, vocab_size: int) -> tuple[Tensor, Tensor]:
-    """n examples (x, y), each [n, seq_len], without the train/test split applied."""
-    P, half = num_kv_pairs, vocab_size // 2
-    keys = distinct(g, n, 1, half, P)                                               # [n, P] in [1, V/2)
-    values = distinct(g, n, half, vocab_size, P)                                    # [n, P] in [V/2, V)
+def pairs(g: torch.Generator, n: int, num_kv_pairs: int, vocab_size: int) -> Tensor:
+    """[n, 2P] key/value pairs k1 v1 k2 v2 ...: P distinct keys from [1, V/2), P distinct values from [V/2, V)."""
+    half = vocab_size // 2
+    kv = torch.empty(n, 2 * num_kv_pairs, dtype=torch.long)
+    kv[:, 0::2] = distinct(g, n, 1, half, num_kv_pairs)
+    kv[:, 1::2] = distinct(g, n, half, vocab_size, num_kv_pairs)
+    return kv
+
+
+def examples(g: torch.Generator, kv: Tensor, seq_len: int, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """The pairs, then random fillers with every key asked once at a random even offset: (x, y), [n, seq_len]."""
+    n, P = kv.shape[0], kv.shape[1] // 2
+    keys, values = kv[:, 0::2], kv[:, 1::2]                                         # [n, P]
     x = torch.randint(vocab_size, (n, seq_len), generator=g)                        # fillers everywhere first
     y = torch.full((n, seq_len), IGNORE, dtype=torch.long)
-    x[:, 0:2 * P:2], x[:, 1:2 * P:2] = keys, values                                 # k1 v1 k2 v2 ...
-    slots = (seq_len - 2 * P) // 2                                                  # even offsets after the pairs
-    where = distinct(g, n, 0, slots, P) * 2 + 2 * P                                # [n, P] query positions
+    x[:, :2 * P] = kv
+    where = distinct(g, n, 0, (seq_len - 2 * P) // 2, P) * 2 + 2 * P               # [n, P] query positions
     x.scatter_(1, where, keys)                                                      # key i is asked at where[:, i]
     y.scatter_(1, where, values)                                                    # ... and its value is the target
     return x, y
@@ -87,15 +96,13 @@ def split_batch(seed: int, block: int, n: int, seq_len: int, num_kv_pairs: int, 
                 test: bool) -> tuple[Tensor, Tensor]:
     """Block `block` of a split: n examples from the generator seeded (seed, block), only from that split's buckets."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + block)
-    xs, ys, have = [], [], 0
-    while have < n:  # about 1/16 (test) or 15/16 (train) of candidates qualify; draw until there are n
-        want = (n - have) * TEST_BUCKETS + 8 if test else (n - have) * 9 // 8 + 8
-        x, y = candidates(g, want, seq_len, num_kv_pairs, vocab_size)
-        keep = (pair_hash(x[:, :2 * num_kv_pairs]) == 0) == test
-        xs.append(x[keep])
-        ys.append(y[keep])
-        have += int(keep.sum())
-    return torch.cat(xs)[:n], torch.cat(ys)[:n]
+    kept, have = [], 0
+    while have < n:  # about 1/16 (test) or 15/16 (train) of the drawn pairs qualify; draw until there are n
+        kv = pairs(g, (n - have) * TEST_BUCKETS + 8 if test else (n - have) * 9 // 8 + 8, num_kv_pairs, vocab_size)
+        kv = kv[(pair_hash(kv) == 0) == test]
+        kept.append(kv)
+        have += len(kv)
+    return examples(g, torch.cat(kept)[:n], seq_len, vocab_size)
 
 
 def make_split(seed: int, n: int, seq_len: int, num_kv_pairs: int, vocab_size: int, test: bool,

@@ -29,8 +29,19 @@ WEIGHTS = "model.safetensors"
 REMOTE_CLASS = "EfficiaForCausalLM"
 
 
+def require_transformers() -> None:
+    """format=hf needs the [hf] extra: one line saying so, not an ImportError from deep inside."""
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"format=hf needs transformers and tokenizers ({err}); pip install 'efficia[hf]' "
+                          "(or pip install -e '.[hf]' in a clone)") from None
+
+
 def write_hf(model: Any, run: dict[str, Any], folder: Path, remote_code: bool | None = None) -> str:
     """Write `model` (a LoadedModel) into the empty `folder`; returns which transformers class and why."""
+    require_transformers()
     from efficia.hf.native import choose
     from efficia.hf.tokenizer import hf_tokenizer
 
@@ -86,7 +97,13 @@ def _write_native(net: nn.Module, native: Any, folder: Path, eos: int | None) ->
         raise CheckpointError(f"export to {native.hf_class}: {(unexpected or sorted(set(missing) - set(aliases)))[0]} "
                               "does not fit its state dict")
     check_logits(net, lambda idx: hf(input_ids=idx).logits, native.hf_class)
-    hf.save_pretrained(str(folder))
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # one small folder: no "Writing model shards" bar
+    try:
+        hf.save_pretrained(str(folder))
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def _write_remote(net: nn.Module, model_cfg: dict[str, Any], folder: Path, eos: int | None) -> None:
@@ -102,6 +119,8 @@ def _write_remote(net: nn.Module, model_cfg: dict[str, Any], folder: Path, eos: 
               "auto_map": {"AutoConfig": f"{CONFIGURATION[:-3]}.EfficiaConfig",
                            "AutoModelForCausalLM": f"{MODELING[:-3]}.{REMOTE_CLASS}"},
               "efficia_model": model_cfg, "vocab_size": net.tok_emb.num_embeddings, "tie_word_embeddings": tied(net),
+              "efficia_inputs": {name: list(getattr(net, name).shape) for name in getattr(type(net), "inputs", ())
+                                 if getattr(net, name, None) is not None},
               "bos_token_id": None, "eos_token_id": eos, "pad_token_id": None,
               "dtype": str(net.param_dtype).removeprefix("torch."), "transformers_version": transformers.__version__}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -131,24 +150,25 @@ def check_logits(net: nn.Module, theirs: Any, what: str) -> None:
 
 def load_hf(folder: Path, device: str = "cpu") -> Any:
     """The LoadedModel of a folder `write_hf` wrote (native or remote code), without running its code."""
-    from efficia.checkpoint import LoadedModel
+    from efficia.checkpoint import LoadedModel, build_net
     from efficia.data.tokenizers import tokenizer_from_state
     from efficia.errors import EfficiaError
-    from efficia.models import build_model
 
     meta = _meta(folder)
+    kind = meta["transformers"]
+    tensors = _read_weights(folder)
+    if kind.get("remote_code"):  # our own names under "model."
+        tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
     try:
         tokenizer = tokenizer_from_state(meta["tokenizer_state"])
-        net = build_model(meta["model"], tokenizer.vocab_size)
+        # a tensor the model takes besides its config (efficientlm's external table) comes from these weights
+        net = build_net(meta["model"], tokenizer.vocab_size, tensors if kind.get("remote_code") else None)
     except EfficiaError as err:
         raise CheckpointError(f"{folder}: {err}") from None
-    tensors = _read_weights(folder)
-    kind = meta["transformers"]
     if kind.get("remote_code"):
-        prefix = "model."
-        source = {k.removeprefix(prefix): v for k, v in tensors.items()}
-        _load_into(net, source, f"{folder / WEIGHTS}")
+        _load_into(net, tensors, f"{folder / WEIGHTS}")
     else:
+        require_transformers()
         from transformers import AutoConfig
 
         from efficia.hf.native import NATIVE, convert, unique_tensors

@@ -190,12 +190,16 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+SDPA_DROPOUT_ON_CPU = False  # efficia.plan sets it while it measures a GPU step on fake CPU tensors
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, scale: float | None = None) -> Tensor:
     """Causal SDPA for q[B,H,Tq,D] against k,v[B,Hkv,Tk,D] where the queries are the last Tq keys.
     Hkv may divide H (grouped-query attention: SDPA shares each K/V head among H/Hkv query heads)."""
     q_len, k_len = q.shape[-2], k.shape[-2]
-    if dropout > 0.0 and q.device.type == "cpu":  # SDPA's CPU kernels have no dropout: it would take its math
-        return attention_with_dropout(q, k, v, dropout, scale)  # path and the slow bernoulli_ mask
+    # SDPA's CPU kernels have no dropout: it would take its math path and the slow bernoulli_ mask
+    if dropout > 0.0 and q.device.type == "cpu" and not SDPA_DROPOUT_ON_CPU:
+        return attention_with_dropout(q, k, v, dropout, scale)
     gqa = k.shape[1] != q.shape[1]
     if q_len == k_len:
         return sdpa(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -1,6 +1,7 @@
 """The model contract and the one decoder skeleton every architecture inherits.
 
     idx[B,T] -> tok_emb (+ pos_emb) -> dropout -> blocks(x, step, state_i) -> norm -> lm_head -> logits[B,T,V]
+    training and validation stop at norm: hidden[B,T,C] + head weight -> output.linear_cross_entropy (no logits)
 
 What varies between architectures is the *mixer* (the token-mixing half of a block: its projections,
 its kernel and its own decoding state). The skeleton owns everything else: embeddings, the length and
@@ -94,6 +95,10 @@ class LanguageModel(nn.Module):
         """Bytes the decoding cache holds for one sequence after `seq_len` tokens."""
         raise NotImplementedError
 
+    def last_logits(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+        """Logits [B, V] of the last position (decoding); a model may skip the other positions' logits."""
+        return self(idx, cache)[:, -1]
+
     def structure(self) -> dict[str, int]:
         """Periodic sub-structures (window, segment, block, chunk) that tests and scales must cross."""
         return {}
@@ -174,7 +179,20 @@ class DecoderLM(LanguageModel):
             x = x + self.pos_emb(torch.arange(step.start, step.start + step.length, device=idx.device))
         return x
 
+    @property
+    def head_weight(self) -> Tensor:
+        """The output projection [V, C] (the token embedding when tied), for the fused loss."""
+        return self.lm_head.weight
+
     def forward(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+        return self.lm_head(self.hidden(idx, cache))
+
+    def last_logits(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+        """Logits [B, V] of the last position only: what decoding needs, without a [B, T, V] prefill."""
+        return self.lm_head(self.hidden(idx, cache)[:, -1])
+
+    def hidden(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+        """The final hidden states [B, T, C] (after the final norm): the output layer's input."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if cache is not None and cache.batch_size != B:
@@ -189,4 +207,4 @@ class DecoderLM(LanguageModel):
             x = checkpoint(block, x, step, use_reentrant=False) if remat else block(x, step, state)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.norm(x))
+        return self.norm(x)

@@ -48,7 +48,8 @@ class EfficiaForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: EfficiaConfig) -> None:
         super().__init__(config)
-        self.model = build_model(config.efficia_model, config.vocab_size)
+        inputs = {name: torch.zeros(shape) for name, shape in config.efficia_inputs.items()}  # filled by the weights
+        self.model = build_model(config.efficia_model, config.vocab_size, **inputs)
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
