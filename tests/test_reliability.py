@@ -178,6 +178,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.xdist_group("processes")
 def test_sigterm_to_train_py_saves_and_exits_143(tmp_path: Path) -> None:
     require_data()
     proc = start_train(tmp_path, "scale=tiny", "logger=csv", "trainer.max_steps=100000",
@@ -194,6 +195,7 @@ def test_sigterm_to_train_py_saves_and_exits_143(tmp_path: Path) -> None:
     assert f"ckpt_path={tmp_path}/checkpoints/last.ckpt" in line and f"hydra.run.dir={tmp_path}" in line
 
 
+@pytest.mark.xdist_group("processes")
 def test_kill_9_leaves_a_loadable_last_checkpoint(tmp_path: Path) -> None:
     require_data()
     proc = start_train(tmp_path, "scale=tiny", "logger=csv", "trainer.max_steps=100000",
@@ -220,6 +222,7 @@ while True:
 """
 
 
+@pytest.mark.xdist_group("processes")
 def test_killing_a_save_never_leaves_a_broken_file(tmp_path: Path) -> None:
     target, elsewhere = tmp_path / "ckpt" / "last.ckpt", tmp_path / "tmpdir"
     elsewhere.mkdir()

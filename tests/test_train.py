@@ -212,6 +212,7 @@ def test_sample_cli_errors_are_one_line(tmp_path: Path) -> None:
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.xdist_group("processes")
 def test_ddp_cpu_trains_with_two_processes(tmp_path: Path) -> None:
     require_data()
     proc = cli("train.py", "trainer=ddp_cpu", "scale=tiny", "logger=csv", "trainer.max_steps=6",
