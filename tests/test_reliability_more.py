@@ -118,3 +118,28 @@ def test_saves_and_signals_under_accumulation_land_on_step_boundaries(make_cfg) 
     resumed = train(make_cfg(*ACCUMULATE, "trainer.max_steps=6", f"ckpt_path={last}"))
     assert resumed["global_step"] == 6
     assert_same_weights(weights(resumed["last_ckpt"]), weights(straight["last_ckpt"]))
+
+
+# -- a NaN val/loss while the weights are finite --------------------------------------------------------
+
+class NaNValidation(Callback):
+    """Test helper: every validation batch gives NaN logits (an overflow in evaluation); weights stay finite."""
+
+    def __init__(self) -> None:
+        self.hook = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.hook = pl_module.net.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+
+    def on_validation_end(self, *args) -> None:
+        self.hook.remove()
+
+
+def test_nan_val_loss_with_finite_weights_is_not_a_success(make_cfg) -> None:
+    """Early stopping ends the run on a NaN val/loss; train() must not report that as a finished run."""
+    require_data()
+    cfg = make_cfg(*BASE, "trainer.max_steps=8", "trainer.val_check_interval=4",
+                   f"+callbacks.nanval._target_={__name__}.NaNValidation")
+    with pytest.raises(TrainingError, match=r"val/loss is nan at step 4") as info:
+        train(cfg)
+    assert "\n" not in str(info.value)
