@@ -153,6 +153,11 @@ class LanguageModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
+        if not torch.isfinite(loss) and all(p.isfinite().all() for p in self.net.parameters()):
+            # finite weights, non-finite held-out loss: early stopping would end the run as if it had finished
+            raise TrainingError(f"val/loss is {float(loss)} at step {self.global_step} while the weights are "
+                                "finite: evaluation overflowed or the held-out data is bad (try "
+                                "trainer.precision=32-true, check the data)")
         values = {"val/loss": loss, "val/ppl": loss.exp(), "val/bpb": self.val_bpb.compute()}
         if self.recall_acc.update_called:
             values["val/recall_acc"] = self.recall_acc.compute()

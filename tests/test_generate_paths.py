@@ -81,7 +81,7 @@ def test_sampled_repetition_penalty_covers_generated_tokens(model) -> None:
 def test_top_p_on_uniform_logits_keeps_exactly_the_tokens_that_reach_p(vocab: int) -> None:
     """Uniform over V: the smallest set reaching p = k/V is k tokens, for every k (a float64 running sum
     may land just below k/V; it must still count as reaching it)."""
-    ks = range(1, vocab) if vocab < 100 else range(1, vocab, 997)
+    ks = range(1, vocab) if vocab < 100 else range(1, vocab, 4999)
     for k in ks:
         kept = torch.isfinite(apply_top_p(torch.zeros(2, vocab), k / vocab)).sum(-1)
         assert kept.tolist() == [k, k], f"V={vocab}, p={k}/{vocab}: kept {kept.tolist()}"
@@ -93,13 +93,13 @@ def test_top_p_just_past_a_boundary_keeps_one_more() -> None:
         assert int(torch.isfinite(apply_top_p(logits, p)).sum()) == n, f"p={p}"
 
 
-@pytest.mark.parametrize(("top_p", "expected"), [(0.5, 16), (0.25, 8), (0.8, 26)])
-def test_top_p_through_generate_on_uniform_logits(top_p: float, expected: int) -> None:
+@pytest.mark.parametrize(("top_p", "expected"), [(0.5, 16), (0.8, 26)])
+def test_top_p_through_generate_on_uniform_logits(top_p: float, expected: int, one_thread) -> None:
     """A real model whose head is zero gives exactly uniform logits over 32 tokens at every step:
     sampling with top_p draws from exactly the smallest set reaching p (0.8 of 32 tokens: 25.6 -> 26)."""
     model = build_tiny("gpt", vocab_size=32)
     with torch.no_grad():
         model.lm_head.weight.zero_()  # tied: the embeddings are zero too, so every step is uniform
     prompt = torch.zeros(1, 1, dtype=torch.long)
-    out = generate(model, prompt, 600, temperature=1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    out = generate(model, prompt, 400, temperature=1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
     assert len(set(out[0, 1:].tolist())) == expected
