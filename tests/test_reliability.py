@@ -60,7 +60,8 @@ class NaNLossAt(Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         if trainer.global_step == self.step and self.hook is None:
-            self.hook = pl_module.net.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+            # the final norm's output: the output unit's input, whichever loss path (fused or plain) runs
+            self.hook = pl_module.net.norm.register_forward_hook(lambda module, inputs, out: out * float("nan"))
 
     def on_train_batch_end(self, *args) -> None:
         if self.hook is not None:
