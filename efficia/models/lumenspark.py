@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, attend_with_own_term, check_heads, require
+from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, attend_sink, check_heads, require, with_sink
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.registry import register
 
@@ -96,7 +96,7 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, e: Tensor, f: Tensor
       scores, O(T·block)), giving each query's log-sum-exp and output;
     - slots: block c's queries against the slot prefix [P + c·S] (a view of one slot tensor, so no
       mask and no copies), one fused SDPA per block with the own part folded in as a sink term
-      (`attend_with_own_term`). O(T·T/block·S) work, nothing of size T × slots is kept.
+      (`attend_sink`). O(T·T/block·S) work, nothing of size T × slots is kept.
 
     Dropout (training) drops slot weights per key and the own block's weight as a whole.
     """
@@ -121,15 +121,16 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, e: Tensor, f: Tensor
         slots_k = torch.cat((past_k.to(k.dtype), slots_k), dim=2)  # [B, Hkv, P + (n-1)·S, D]
         slots_v = torch.cat((past_v.to(v.dtype), slots_v), dim=2)
     n_past = slots_k.shape[2] - (n - 1) * S
+    slots_k, slots_v = with_sink(slots_k, slots_v)  # once: each block attends a prefix view of these
     outs = []
     # split, not sliced per block: a slice's backward writes a zero tensor of the whole input per block
     per_block = zip(*(t.split(block, dim=2) for t in (q, own_lse, own_out)), strict=True)
     for c, (q_c, lse_c, out_c) in enumerate(per_block):
         if c < front // block:  # only dummy queries
             continue
-        ctx = n_past + c * S
-        outs.append(attend_with_own_term(q_c, slots_k[:, :, :ctx], slots_v[:, :, :ctx], lse_c, out_c,
-                                         is_causal=False, scale=scale, dropout=dropout))  # [B, H, block, D]
+        ctx = 1 + n_past + c * S  # the sink, then the slots of every earlier block
+        outs.append(attend_sink(q_c, slots_k[:, :, :ctx], slots_v[:, :, :ctx], lse_c, out_c,
+                                is_causal=False, scale=scale, dropout=dropout))  # [B, H, block, D]
     out = torch.cat(outs, dim=2)  # [B, H, blocks·block, D], from the first block with a real query
     start = front - front // block * block
     return out[:, :, start:start + q_len]
