@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from efficia.config import compose_run
 from efficia.errors import ConfigError
 from efficia.models import build_model
-from efficia.models.efficientlm import ChunkMerge, stride_aware_mask
+from efficia.models.efficientlm import ChunkMerge, TemporalLatentAttention, stride_aware_attention, stride_aware_mask
 from efficia.models.optimus import MultiHeadLatentAttention
 from tests.conftest import EXTERNAL_TABLE, ROOT, TINY_VOCAB, build_tiny, write_external_table
 
@@ -54,6 +54,47 @@ def test_stride_aware_mask_is_the_papers(s: int, start: int, n_prev: int | None)
             assert bool(mask[i, n_prev + j]) == (kj == qi or (kj < qi and (kj + 1) % s == 0)), (i, j)
     if s == 1:  # one token per chunk: plain causal attention
         assert torch.equal(mask[:, n_prev:], torch.ones(T, T, dtype=torch.bool).tril())
+
+
+def trained_like(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter redrawn at a scale a trained model reaches (merge weights far from their neutral
+    sigmoid(0), norms away from 1), so a wrong index or weight cannot hide behind an initial value."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() > 1 else 1.0) + (p.dim() == 1))
+    return module
+
+
+def reference_stride_aware(mixer: TemporalLatentAttention, x: torch.Tensor) -> torch.Tensor:
+    """The previous training formulation, kept as the reference: the T running sums as keys under the
+    [T, T] stride-aware mask, per-head K/V expanded, one masked SDPA."""
+    from efficia.models.decoder import Step
+
+    T = x.shape[1]
+    rope = Step(0, T, x.device).rope(mixer.rope_dim, mixer.rope_theta)
+    q_c, q_r = mixer.query(x, rope)
+    c, k_r = mixer.kv(x, rope)
+    c = mixer.merge.running_sums(c * mixer.merge.weights(c, 0), 0)
+    mask = stride_aware_mask(0, T, 0, mixer.down_rate, x.device)
+    return mixer.heads.attend(q_c, q_r, c, k_r, absorbed=False, mask=mask)
+
+
+@pytest.mark.parametrize(("s", "T"), [(2, 16), (3, 17), (4, 5), (2, 1), (5, 3)])
+def test_training_attention_equals_the_masked_formulation(s: int, T: int) -> None:
+    """The fused training path (chunk-causal SDPA over slots + own running sum folded in) gives what the
+    [T, T] stride-aware mask gave, on trained-like weights, for partial last chunks and T < s too."""
+    from efficia.models.decoder import Step
+
+    torch.manual_seed(s)
+    mixer = trained_like(TemporalLatentAttention(16, 2, 12, 8, 4, 6, s, 10000.0, 0.0, 1e-6), seed=s)
+    x = torch.randn(2, T, 16)
+    rope = Step(0, T, x.device).rope(mixer.rope_dim, mixer.rope_theta)
+    q_c, q_r = mixer.query(x, rope)
+    c, k_r = mixer.kv(x, rope)
+    c = mixer.merge.running_sums(c * mixer.merge.weights(c, 0), 0)
+    got = stride_aware_attention(mixer.heads, q_c, q_r, c, k_r, s)
+    torch.testing.assert_close(got, reference_stride_aware(mixer, x), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("s", [2, 3, 4])

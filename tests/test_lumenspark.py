@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from efficia.errors import ConfigError
-from efficia.models.lumenspark import BlockLinformerAttention, block_causal_attention, pooling_projection
+from efficia.models.lumenspark import BlockLinformerAttention, block_causal_attention, compress, pooling_projection
 from tests.conftest import build_tiny
 from tests.test_models import assert_causal
 
@@ -45,6 +46,76 @@ def test_block_causal_attention_equals_the_per_query_reference(T, block, slots, 
     e, f = torch.randn(2, slots, block, generator=gen)
     torch.testing.assert_close(block_causal_attention(q, k, v, e, f, block),
                                reference_attention(q, k, v, e, f, block), atol=1e-5, rtol=1e-5)
+
+
+def previous_block_causal_attention(q: Tensor, k: Tensor, v: Tensor, e: Tensor, f: Tensor, block: int,
+                           past_k: Tensor | None = None, past_v: Tensor | None = None,
+                           dropout: float = 0.0) -> Tensor:
+    """The previous formulation, kept as the reference: every block attends over ALL slots (its keys and values
+    copied per block) under a [block, P + (n-1)·S + block] mask.
+
+    k, v start at a block boundary and the queries are their last Tq positions (bottom-right
+    aligned, as in a cached call). A query in block c sees: every `past` slot ([B,Hkv,P,D], from
+    blocks before k's first one), the slots of blocks 0..c-1 of k, and the exact keys of block c
+    up to itself. One SDPA call: the blocks are a batch dimension, each with a
+    [block, P + (n-1)·S + block] mask.
+    """
+    B, H, q_len, D = q.shape
+    Hkv, k_len, S = k.shape[1], k.shape[2], e.shape[0]
+    n = -(-k_len // block)
+    front, pad = k_len - q_len, n * block - k_len
+    q = F.pad(q, (0, 0, front, pad))  # dummy queries before (< one block) and after (padding)
+    k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+    # slots of blocks 0..n-2 (the last block is nobody's earlier block here)
+    slots_k, slots_v = compress(k[:, :, :(n - 1) * block], e, block), compress(v[:, :, :(n - 1) * block], f, block)
+    if past_k is not None:
+        slots_k = torch.cat((past_k.to(k.dtype), slots_k), dim=2)  # [B, Hkv, P + (n-1)·S, D]
+        slots_v = torch.cat((past_v.to(v.dtype), slots_v), dim=2)
+    n_past = slots_k.shape[2] - (n - 1) * S
+    ctx = slots_k.shape[2]
+
+    def per_block(own: Tensor, slots: Tensor) -> Tensor:
+        own = own.reshape(B, Hkv, n, block, D).transpose(1, 2)  # [B, n, Hkv, block, D]
+        slots = slots[:, None].expand(B, n, Hkv, ctx, D)  # [B, n, Hkv, ctx, D]
+        return torch.cat((slots, own), dim=3).flatten(0, 1)  # [B·n, Hkv, ctx + block, D]
+
+    # 4-D [B·n, H, block, D]: the fused SDPA kernels take 4-D inputs only (5-D falls back to the math
+    # path, which materialises the scores: about 2x slower on the CPU)
+    qb = q.reshape(B, H, n, block, D).transpose(1, 2).flatten(0, 1)  # [B·n, H, block, D]
+    mask = previous_block_causal_mask(n, block, S, n_past, q.device)  # [n, 1, block, ctx + block]
+    mask = mask if B == 1 else mask.repeat(B, 1, 1, 1)  # [B·n, 1, block, ctx + block]
+    out = F.scaled_dot_product_attention(qb, per_block(k, slots_k), per_block(v, slots_v), attn_mask=mask,
+                                         dropout_p=dropout, enable_gqa=H != Hkv)  # [B·n, H, block, D]
+    out = out.view(B, n, H, block, D).transpose(1, 2).reshape(B, H, n * block, D)  # [B, H, n·block, D]
+    return out[:, :, front:front + q_len]
+
+
+def previous_block_causal_mask(n: int, block: int, k_per_block: int, n_past: int, device: torch.device) -> Tensor:
+    """[n, 1, block, n_past + (n-1)·k_per_block + block], True where visible: every past slot, the slots
+    of earlier blocks, and the own block's keys causally."""
+    c = torch.arange(n, device=device)[:, None, None, None]  # the query's block
+    slot_block = torch.arange((n - 1) * k_per_block, device=device) // k_per_block
+    earlier = (slot_block < c).expand(n, 1, block, -1)  # [n, 1, block, (n-1)·S]
+    pos = torch.arange(block, device=device)
+    causal = (pos[None, :] <= pos[:, None]).expand(n, 1, block, block)
+    past = torch.ones(n, 1, block, n_past, dtype=torch.bool, device=device)
+    return torch.cat((past, earlier, causal), dim=-1)
+
+
+@pytest.mark.parametrize(("T", "front", "n_past", "block", "slots", "kv_heads"),
+                         [(40, 0, 0, 8, 2, 1), (37, 0, 0, 8, 3, 2), (21, 5, 6, 8, 2, 1), (1, 3, 4, 4, 2, 2),
+                          (9, 0, 0, 16, 4, 1)])
+def test_fused_attention_equals_the_previous_formulation(T, front, n_past, block, slots, kv_heads) -> None:
+    """Training (no past, no front) and cached-call shapes (past slots, queries starting inside a block), on
+    trained-like E/F (far from the pooling init) and scores of a trained model's size."""
+    gen = torch.Generator().manual_seed(T + front)
+    q = 3 * torch.randn(2, 4, T, 8, generator=gen)
+    k, v = 3 * torch.randn(2, 2, kv_heads, front + T, 8, generator=gen)
+    e, f = torch.randn(2, slots, block, generator=gen)
+    past_k, past_v = (torch.randn(2, 2, kv_heads, n_past, 8, generator=gen) if n_past else (None, None))
+    got = block_causal_attention(q, k, v, e, f, block, past_k, past_v)
+    want = previous_block_causal_attention(q, k, v, e, f, block, past_k, past_v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_only_later_blocks_see_the_compressed_slots() -> None:

@@ -209,6 +209,36 @@ def attend(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, scale: float |
                 enable_gqa=gqa)
 
 
+def attend_with_own_term(q: Tensor, k: Tensor, v: Tensor, own_score: Tensor, own_value: Tensor, *,
+                         is_causal: bool, scale: float, dropout: float = 0.0) -> Tensor:
+    """One softmax over SDPA's keys k,v[B,Hkv,Tk,·] plus one more term per query, whose score own_score[B,H,Tq]
+    (already scaled) and value own_value[B,H,Tq,Dv] differ per query (an own running sum, or a whole
+    attention result folded in as its log-sum-exp and output). Exact, and still one fused SDPA call: the own
+    term enters as a sink key at index 0, [0..0, 1], met by an extra query feature own_score/scale, with value
+    [0..0, 1]; the last output column is then the own term's softmax weight p, and the result is
+    out[:Dv] + p·own_value. is_causal: query i sees sink + keys 0..i-1 (Tq == Tk + 1); else every key."""
+    k, v = with_sink(k, v)
+    return attend_sink(q, k, v, own_score, own_value, is_causal=is_causal, scale=scale, dropout=dropout)
+
+
+def with_sink(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """k,v[B,Hkv,Tk,·] -> [B,Hkv,1+Tk,·+1]: the sink key [0..0, 1] / value [0..0, 1] first, a zero feature
+    on every other key and value (see `attend_with_own_term`). Build once, pass prefixes of it."""
+    B, Hkv = k.shape[:2]
+    sink_k = F.pad(k.new_ones(B, Hkv, 1, 1), (k.shape[-1], 0))  # [B, Hkv, 1, Dq + 1]: the extra feature only
+    sink_v = F.pad(v.new_ones(B, Hkv, 1, 1), (v.shape[-1], 0))
+    return torch.cat((sink_k, F.pad(k, (0, 1))), dim=2), torch.cat((sink_v, F.pad(v, (0, 1))), dim=2)
+
+
+def attend_sink(q: Tensor, k: Tensor, v: Tensor, own_score: Tensor, own_value: Tensor, *, is_causal: bool,
+                scale: float, dropout: float = 0.0) -> Tensor:
+    """`attend_with_own_term` over keys/values already made by `with_sink`."""
+    Dv = v.shape[-1] - 1
+    q = torch.cat((q, (own_score / scale).unsqueeze(-1).to(q.dtype)), dim=-1)  # [B, H, Tq, Dq + 1]
+    out = sdpa(q, k, v, is_causal=is_causal, scale=scale, dropout_p=dropout, enable_gqa=q.shape[1] != k.shape[1])
+    return out[..., :Dv] + out[..., Dv:] * own_value  # [B, H, Tq, Dv]
+
+
 def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float, scale: float | None = None) -> Tensor:
     """What SDPA's math path computes under dropout (causal, bottom-right aligned, GQA), with `dropout`'s mask."""
     k, v = expand_kv(q, k, v)

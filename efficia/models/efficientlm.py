@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import RMSNorm, SwiGLU, init_weights, mark_keep_float, require
+from efficia.models.blocks import RMSNorm, SwiGLU, attend_with_own_term, init_weights, mark_keep_float, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
 from efficia.models.registry import register
@@ -94,6 +94,39 @@ def stride_aware_mask(start: int, length: int, n_prev: int, down_rate: int, devi
     k = torch.arange(start, start + length, device=device)[None, :]
     new = (k <= q) & (((k + 1) % down_rate == 0) | (k == q))  # [T, T]
     return torch.cat((new.new_ones(length, n_prev), new), dim=1)
+
+
+def stride_aware_attention(heads: LatentHeads, q_c: Tensor, q_r: Tensor, c: Tensor, k_r: Tensor, down_rate: int,
+                           dropout: float = 0.0) -> Tensor:
+    """The stride-aware mask's attention over the T running sums c[B,T,r] (with k_R[B,T,d_R]), queries at
+    positions 0..T-1, without the [T, T] mask: what query i (chunk g = i // s) sees splits into
+
+      completed chunks  slots 0..g-1 (the running sums at chunk ends): strictly causal over chunk index, the
+                        same for the s queries of chunk g. So the s in-chunk offsets become query heads (each
+                        a sequence of T/s queries) and one causal SDPA over T/s keys serves them all: keys
+                        [sink, slot 0, .., slot n-2], query g sees the sink and slots < g.
+      its own column    the running sum up to i, one key per query: its score is a dot product, folded into
+                        the same softmax as the sink (`attend_with_own_term`).
+
+    Per-head work is T·T/(2s) scores instead of the mask's T·T. -> [B, H, T, Dv]."""
+    B, H, T, _ = q_c.shape
+    s = down_rate
+    scale = 1.0 / math.sqrt(q_c.shape[-1] + q_r.shape[-1])
+    k, v = heads.expand(c)  # [B, H, T, D], [B, H, T, Dv]: every running sum's key and value
+    q = torch.cat((q_c, q_r), dim=-1)  # [B, H, T, D + d_R]
+    k = torch.cat((k, k_r.unsqueeze(1).expand(B, H, T, k_r.shape[-1])), dim=-1)  # [B, H, T, D + d_R]
+    own = (q * k).sum(-1) * scale  # [B, H, T]: each query against its own running sum
+    n = -(-T // s)  # chunks
+    slots_k, slots_v = k[:, :, s - 1::s][:, :, :n - 1], v[:, :, s - 1::s][:, :, :n - 1]  # [B, H, n-1, ·]
+    pad = n * s - T  # queries of a partial last chunk are padded to a whole one, then dropped
+
+    def by_offset(t: Tensor) -> Tensor:  # [B, H, T, ·] -> [B, H·s, n, ·]: in-chunk offset r becomes a head
+        t = F.pad(t, (0, 0, 0, pad)) if t.dim() == 4 else F.pad(t, (0, pad))
+        return t.unflatten(2, (n, s)).transpose(2, 3).flatten(1, 2)
+
+    y = attend_with_own_term(by_offset(q), slots_k, slots_v, by_offset(own), by_offset(v), is_causal=True,
+                             scale=scale, dropout=dropout)  # [B, H·s, n, Dv]
+    return y.unflatten(1, (H, s)).transpose(2, 3).flatten(2, 3)[:, :, :T]  # [B, H, T, Dv]
 
 
 class SlotState:
@@ -172,10 +205,12 @@ class TemporalLatentAttention(Mixer):
             carry = state.carry(start) if state is not None else None
             c = self.merge.running_sums(c * self.merge.weights(c, start), start, carry)  # [B, T, r]
         dropout = self.dropout if self.training else 0.0
-        if state is None:
-            mask = None if self.merge is None else stride_aware_mask(start, T, 0, self.down_rate, x.device)
-            y = self.heads.attend(q_c, q_r, c, k_r, absorbed=False, mask=mask, is_causal=mask is None,
-                                  dropout=dropout)
+        if state is None and self.merge is None:
+            y = self.heads.attend(q_c, q_r, c, k_r, absorbed=False, is_causal=True, dropout=dropout)
+        elif state is None:
+            require(start % self.down_rate == 0, "efficientlm: a forward without a cache starts at a chunk "
+                    f"boundary, got start {start}; pass a state to continue a chunk")
+            y = stride_aware_attention(self.heads, q_c, q_r, c, k_r, self.down_rate, dropout)
         else:
             prev_c, prev_r = state.complete(start)  # slots of the chunks finished before this call
             state.store(c, k_r, start)

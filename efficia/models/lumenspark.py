@@ -10,8 +10,9 @@ compressed, to `k_per_block` slots by E (keys) and F (values), learned and share
                    2 slots       2 slots      <= 8 tokens
 
 So a query attends over `block + (its block index)·k_per_block` keys: O(T·(block + T/block·k_per_block))
-time and memory, no T×T mask. Training runs one SDPA call over all blocks at once ([block,
-n_slots + block] mask per block). Decoding keeps the current block's exact K/V and the compressed
+time and memory, no T×T mask and no mask over slots at all: each block's queries attend the slot
+prefix of the blocks before it (one fused SDPA per block over a view), with their own block's causal
+attention folded into the same softmax. Decoding keeps the current block's exact K/V and the compressed
 slots of the completed blocks (`BlockLinformerState`).
 
 Around the mixer, as the seed: low-rank query projection (`LowRankLinear`, W ≈ U·V), a factorised
@@ -27,7 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import Dropout, RMSNorm, check_heads, mark_keep_init, mark_residual, require
+from efficia.models.blocks import (
+    Dropout,
+    RMSNorm,
+    attend_sink,
+    check_heads,
+    mark_keep_init,
+    mark_residual,
+    require,
+    with_sink,
+)
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.registry import register
 
@@ -87,49 +97,50 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, e: Tensor, f: Tensor
     k, v start at a block boundary and the queries are their last Tq positions (bottom-right
     aligned, as in a cached call). A query in block c sees: every `past` slot ([B,Hkv,P,D], from
     blocks before k's first one), the slots of blocks 0..c-1 of k, and the exact keys of block c
-    up to itself. One SDPA call: the blocks are a batch dimension, each with a
-    [block, P + (n-1)·S + block] mask.
+    up to itself. Two exact parts, merged in one softmax:
+
+    - own block: causal attention inside each block, batched over blocks ([B, H, n, block, block]
+      scores, O(T·block)), giving each query's log-sum-exp and output;
+    - slots: block c's queries against the slot prefix [P + c·S] (a view of one slot tensor, so no
+      mask and no copies), one fused SDPA per block with the own part folded in as a sink term
+      (`attend_sink`). O(T·T/block·S) work, nothing of size T × slots is kept.
+
+    Dropout (training) drops slot weights per key and the own block's weight as a whole.
     """
     B, H, q_len, D = q.shape
     Hkv, k_len, S = k.shape[1], k.shape[2], e.shape[0]
-    n = -(-k_len // block)
+    n, G = -(-k_len // block), H // Hkv
     front, pad = k_len - q_len, n * block - k_len
     q = F.pad(q, (0, 0, front, pad))  # dummy queries before (< one block) and after (padding)
     k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-    # slots of blocks 0..n-2 (the last block is nobody's earlier block here)
+    scale = 1.0 / math.sqrt(D)
+    # own block: queries grouped [B, Hkv, G, n, block, D] against keys [B, Hkv, 1, n, block, D]
+    qb = q.view(B, Hkv, G, n, block, D)
+    kb, vb = k.view(B, Hkv, 1, n, block, D), v.view(B, Hkv, 1, n, block, D)
+    causal = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+    scores = (qb @ kb.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))  # [.., n, block, block]
+    own_lse = scores.logsumexp(-1)  # [B, Hkv, G, n, block]
+    own_out = torch.exp(scores - own_lse[..., None]) @ vb  # [B, Hkv, G, n, block, D]
+    own_lse, own_out = own_lse.reshape(B, H, n * block), own_out.reshape(B, H, n * block, D)
+    # slots of blocks 0..n-2 (the last block is nobody's earlier block here), after the past ones
     slots_k, slots_v = compress(k[:, :, :(n - 1) * block], e, block), compress(v[:, :, :(n - 1) * block], f, block)
     if past_k is not None:
         slots_k = torch.cat((past_k.to(k.dtype), slots_k), dim=2)  # [B, Hkv, P + (n-1)·S, D]
         slots_v = torch.cat((past_v.to(v.dtype), slots_v), dim=2)
     n_past = slots_k.shape[2] - (n - 1) * S
-    ctx = slots_k.shape[2]
-
-    def per_block(own: Tensor, slots: Tensor) -> Tensor:
-        own = own.reshape(B, Hkv, n, block, D).transpose(1, 2)  # [B, n, Hkv, block, D]
-        slots = slots[:, None].expand(B, n, Hkv, ctx, D)  # [B, n, Hkv, ctx, D]
-        return torch.cat((slots, own), dim=3).flatten(0, 1)  # [B·n, Hkv, ctx + block, D]
-
-    # 4-D [B·n, H, block, D]: the fused SDPA kernels take 4-D inputs only (5-D falls back to the math
-    # path, which materialises the scores: about 2x slower on the CPU)
-    qb = q.reshape(B, H, n, block, D).transpose(1, 2).flatten(0, 1)  # [B·n, H, block, D]
-    mask = block_causal_mask(n, block, S, n_past, q.device)  # [n, 1, block, ctx + block]
-    mask = mask if B == 1 else mask.repeat(B, 1, 1, 1)  # [B·n, 1, block, ctx + block]
-    out = F.scaled_dot_product_attention(qb, per_block(k, slots_k), per_block(v, slots_v), attn_mask=mask,
-                                         dropout_p=dropout, enable_gqa=H != Hkv)  # [B·n, H, block, D]
-    out = out.view(B, n, H, block, D).transpose(1, 2).reshape(B, H, n * block, D)  # [B, H, n·block, D]
-    return out[:, :, front:front + q_len]
-
-
-def block_causal_mask(n: int, block: int, k_per_block: int, n_past: int, device: torch.device) -> Tensor:
-    """[n, 1, block, n_past + (n-1)·k_per_block + block], True where visible: every past slot, the slots
-    of earlier blocks, and the own block's keys causally."""
-    c = torch.arange(n, device=device)[:, None, None, None]  # the query's block
-    slot_block = torch.arange((n - 1) * k_per_block, device=device) // k_per_block
-    earlier = (slot_block < c).expand(n, 1, block, -1)  # [n, 1, block, (n-1)·S]
-    pos = torch.arange(block, device=device)
-    causal = (pos[None, :] <= pos[:, None]).expand(n, 1, block, block)
-    past = torch.ones(n, 1, block, n_past, dtype=torch.bool, device=device)
-    return torch.cat((past, earlier, causal), dim=-1)
+    slots_k, slots_v = with_sink(slots_k, slots_v)  # once: each block attends a prefix view of these
+    outs = []
+    # split, not sliced per block: a slice's backward writes a zero tensor of the whole input per block
+    per_block = zip(*(t.split(block, dim=2) for t in (q, own_lse, own_out)), strict=True)
+    for c, (q_c, lse_c, out_c) in enumerate(per_block):
+        if c < front // block:  # only dummy queries
+            continue
+        ctx = 1 + n_past + c * S  # the sink, then the slots of every earlier block
+        outs.append(attend_sink(q_c, slots_k[:, :, :ctx], slots_v[:, :, :ctx], lse_c, out_c,
+                                is_causal=False, scale=scale, dropout=dropout))  # [B, H, block, D]
+    out = torch.cat(outs, dim=2)  # [B, H, blocks·block, D], from the first block with a real query
+    start = front - front // block * block
+    return out[:, :, start:start + q_len]
 
 
 class BlockLinformerState:
