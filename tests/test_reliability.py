@@ -124,6 +124,37 @@ def test_stop_by_signal_or_finish_then_resume_equals_straight_run(make_cfg) -> N
     assert_same_weights(weights(extended["last_ckpt"]), weights(straight["last_ckpt"]))
 
 
+def logged(run_dir: str | Path) -> dict[tuple[str, int], str]:
+    """(metric, step) -> value as the CSV logger wrote it, for every train/ and val/ metric."""
+    with open(Path(run_dir) / "csv" / "metrics.csv") as f:
+        return {(k, int(r["step"])): v for r in csv.DictReader(f) for k, v in r.items()
+                if v and k.startswith(("train/", "val/"))}
+
+
+def test_resumed_curves_line_up_step_for_step_with_a_straight_run(make_cfg) -> None:
+    """Every metric a resumed run logs sits at the step where the uninterrupted run logged the same value:
+    resumed from a signal's save (mid-run) and from the end of a finished run. No dropout, so the
+    values themselves are comparable; a curve shifted by one step fails."""
+    require_data()
+    common = [*BASE, "model.dropout=0.0", "scheduler.warmup_steps=100", "trainer.val_check_interval=5"]
+    straight = make_cfg(*common, "trainer.max_steps=16")
+    train(straight)
+    full = logged(straight.output_dir)
+    assert {s for k, s in full if k == "train/loss"} == set(range(16))  # the n-th step at step n-1
+
+    cut = make_cfg(*common, "trainer.max_steps=16", *signal_at(11, signal.SIGUSR1))
+    with pytest.raises(Stopped):
+        train(cut)
+    finished = make_cfg(*common, "trainer.max_steps=11")
+    train(finished)
+    for first in (f"{cut.output_dir}/checkpoints/last.ckpt", f"{finished.output_dir}/checkpoints/last.ckpt"):
+        resumed = make_cfg(*common, "trainer.max_steps=16", f"ckpt_path={first}")
+        train(resumed)
+        after = logged(resumed.output_dir)
+        assert min(s for k, s in after if k == "train/loss") == 11, sorted(after)  # the 12th step
+        assert {key: after[key] for key in after} == {key: full.get(key) for key in after}, first
+
+
 def test_ctrl_c_saves_last_and_exits_130(make_cfg) -> None:
     require_data()
     cfg = make_cfg(*BASE, "trainer.max_steps=12", *signal_at(5, signal.SIGINT))
