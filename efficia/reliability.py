@@ -262,9 +262,6 @@ class RNGState(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.pending:
             return
-        # loggers write at Lightning's count of stepped batches, which it restores one short when the save
-        # came after the end-of-fit validation: resumed curves would sit one step early
-        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
         state, self.pending = self.pending, None
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
