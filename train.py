@@ -12,6 +12,11 @@ from efficia.training import train
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    if cfg.plan:  # plan=true: the GPU plan (python -m efficia.plan), nothing trained
+        from efficia.plan import plan_from_hydra
+
+        run_cli(plan_from_hydra, cfg)
+        return None
     result = run_cli(train, cfg)
     value = result["metrics"].get(cfg.optimized_metric)
     return value

@@ -41,14 +41,14 @@ def build(spec: str, scale: str, max_seq_len: int, vocab_size: int, device: str 
     import torch
     from omegaconf import OmegaConf
 
+    from efficia.checkpoint import build_net
     from efficia.config import compose_run
-    from efficia.models import build_model
 
     cfg = compose_run([f"scale={scale}", *spec.split(), f"model.max_seq_len={max_seq_len}", "model.dropout=0.0"],
                       ROOT / "outputs" / "bench")
     torch.manual_seed(0)
     with torch.device(device):
-        return build_model(OmegaConf.to_container(cfg.model, resolve=True), vocab_size)
+        return build_net(OmegaConf.to_container(cfg.model, resolve=True), vocab_size)
 
 
 def scaling_child(job: dict) -> dict:

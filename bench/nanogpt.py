@@ -11,6 +11,10 @@ After training (outside its time) the final weights are scored on the whole vali
 non-overlapping 64-character windows, the protocol efficia's validation uses.
 
     python bench/nanogpt.py --text ../shared/data/tinyshakespeare/input.txt --out /tmp/nanogpt
+
+On other tokens (bench/bpe_speed.py): `--bins DIR` reads DIR/train.bin and DIR/val.bin (uint16, as nanoGPT's
+prepare.py scripts write them) with `--vocab 50304` (nanoGPT's padded GPT-2 vocabulary when there is no
+meta.pkl), and `--batch`, `--iters` change the recipe's batch and length (the schedule decays over --iters).
 """
 
 from __future__ import annotations
@@ -102,11 +106,25 @@ def prepare(text_file: Path, out: Path) -> int:
 
 
 def main() -> None:
+    global BATCH, MAX_ITERS, DECAY_ITERS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--text", required=True, type=Path, help="tiny Shakespeare's input.txt")
+    parser.add_argument("--text", type=Path, help="tiny Shakespeare's input.txt")
     parser.add_argument("--out", required=True, type=Path, help="folder for the .bin files and ckpt.pt")
+    parser.add_argument("--bins", type=Path, help="a folder with train.bin/val.bin already made (then --vocab)")
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--iters", type=int, default=MAX_ITERS)
     args = parser.parse_args()
-    vocab_size = prepare(args.text, args.out)
+    if not (args.bins and args.vocab) and not args.text:
+        parser.error("give --text (tiny Shakespeare) or --bins with --vocab")
+    BATCH, MAX_ITERS, DECAY_ITERS = args.batch, args.iters, args.iters
+    if args.bins:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "val"):
+            (args.out / f"{split}.bin").write_bytes((args.bins / f"{split}.bin").read_bytes())
+        vocab_size = args.vocab
+    else:
+        vocab_size = prepare(args.text, args.out)
 
     def get_batch(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         data = np.memmap(args.out / f"{split}.bin", dtype=np.uint16, mode="r")
@@ -139,7 +157,7 @@ def main() -> None:
         return MIN_LR + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (LR - MIN_LR)
 
     x, y = get_batch("train")
-    best_val, estimates = 1e9, []
+    best_val, estimates, train_s, timed_iters = 1e9, [], 0.0, 0
     for it in range(MAX_ITERS + 1):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(it)
@@ -152,6 +170,7 @@ def main() -> None:
                 if it > 0:
                     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it},
                                os.path.join(args.out, "ckpt.pt"))
+        t0 = time.perf_counter()
         loss = model(x, y)
         x, y = get_batch("train")
         loss.backward()
@@ -159,6 +178,8 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         print(f"iter {it}: loss {loss.item():.4f}", flush=True)
+        if it > 0:  # the first iteration (warm-up) and the periodic estimates are not timed, as efficia's record
+            train_s, timed_iters = train_s + time.perf_counter() - t0, timed_iters + 1
     train_end = time.time()
 
     model.eval()  # whole validation split, non-overlapping windows, mean over every predicted token
@@ -172,7 +193,9 @@ def main() -> None:
             yb = torch.stack([val[i * BLOCK + 1:(i + 1) * BLOCK + 1] for i in rows])
             total += float(model(xb, yb)) * yb.numel()
             count += yb.numel()
-    print(json.dumps({"train_end": train_end, "val_whole": total / count, "estimates": estimates}), flush=True)
+    print(json.dumps({"train_end": train_end, "val_whole": total / count, "estimates": estimates,
+                      "tokens_per_s": timed_iters * BATCH * BLOCK / train_s if train_s else None,
+                      "tokens": (MAX_ITERS + 1) * BATCH * BLOCK}), flush=True)
 
 
 if __name__ == "__main__":

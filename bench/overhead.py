@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -49,7 +48,7 @@ def bare_loop(overrides: list[str], steps: int, out: Path) -> float:
     start, tokens = 0.0, 0
     for step in range(steps):
         x, y = next(batches)
-        loss = F.cross_entropy(net(x).float().flatten(0, 1), y.flatten())
+        loss = module.loss((x, y))  # the output unit training uses (loss.impl)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         optimizer.step()

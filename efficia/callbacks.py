@@ -187,8 +187,9 @@ class PlainProgress(ProgressBar):
             return
         metrics = trainer.callback_metrics
         if "val/loss" in metrics:
+            recall = f", val/recall_acc {float(metrics['val/recall_acc']):.4f}" if "val/recall_acc" in metrics else ""
             print(f"step {trainer.global_step}: val/loss {float(metrics['val/loss']):.4f}, "
-                  f"val/bpb {float(metrics.get('val/bpb', float('nan'))):.4f}", flush=True)
+                  f"val/bpb {float(metrics.get('val/bpb', float('nan'))):.4f}{recall}", flush=True)
 
 
 def progress_bar(refresh_rate: int, plain_every: int) -> ProgressBar:

@@ -31,6 +31,13 @@ def check_run_config(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"seed={seed!r}: give a whole number between 0 and 2**32 - 1")
     if cfg.get("nonfinite_loss") not in NONFINITE_CHOICES:
         raise ConfigError(f"nonfinite_loss={cfg.get('nonfinite_loss')!r}: use one of {', '.join(NONFINITE_CHOICES)}")
+    loss = cfg.get("loss") or {}
+    if loss.get("impl") not in ("fused", "plain"):
+        raise ConfigError(f"loss.impl={loss.get('impl')!r}: use fused or plain")
+    if not is_number(loss.get("chunk_mb")) or loss["chunk_mb"] <= 0:
+        raise ConfigError(f"loss.chunk_mb={loss.get('chunk_mb')!r}: give a positive number of MB per logits chunk")
+    if not is_int(loss.get("ignore_index")):
+        raise ConfigError(f"loss.ignore_index={loss.get('ignore_index')!r}: give a whole number (usually -100)")
     sched = cfg.get("scheduler") or {}
     if not is_int(sched.get("warmup_steps")) or sched["warmup_steps"] < 0:
         raise ConfigError(f"scheduler.warmup_steps={sched.get('warmup_steps')!r}: give a whole number >= 0")

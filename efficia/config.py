@@ -50,6 +50,13 @@ def sweep_group() -> str | None:
     return str(HydraConfig.get().sweep.dir)
 
 
+def when(value: object, expected: object, then: object) -> object:
+    """`${efficia.when:${model.attention},mla,384}`: `then` where value == expected, else null. A key read under
+    one setting only is null under the others, and a model refuses a key it would ignore (one line)."""
+    return then if value == expected else None
+
+
+OmegaConf.register_new_resolver("efficia.when", when, replace=True)
 OmegaConf.register_new_resolver("efficia.run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("efficia.sweep_group", sweep_group, replace=True)
 

@@ -39,14 +39,17 @@ def apply_top_p(logits: Tensor, p: float | None) -> Tensor:
     p=0 keeps only the most likely token, as Hugging Face does).
 
     The running sum is taken in float64: in float32 over a 50k vocabulary it drifts by ~1e-5, which
-    at p=0.999 moves the cut by hundreds of tokens.
+    at p=0.999 moves the cut by hundreds of tokens. Even in float64 a sum that reaches p exactly
+    (uniform logits over 10 tokens, p=0.8: 8 tokens) can land a rounding error below it, so "reaches"
+    allows the sum's own rounding bound (a few V·eps).
     """
     if p is None or p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.double().softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
-    drop_sorted = before >= p  # the tokens before it already reach p
+    rounding = 4 * logits.shape[-1] * torch.finfo(torch.float64).eps
+    drop_sorted = before >= p - rounding  # the tokens before it already reach p
     drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
@@ -82,7 +85,7 @@ def generate_tokens(model: LanguageModel, prompt: Tensor, max_new_tokens: int, *
         if limit is not None and context.shape[1] > limit:
             context = context[:, -limit:]
         cache = model.new_cache(batch)
-        logits = model(context, cache=cache)[:, -1]
+        logits = model.last_logits(context, cache=cache)
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, prompt, True)
         for _ in range(max_new_tokens):
             token = next_token(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -93,9 +96,9 @@ def generate_tokens(model: LanguageModel, prompt: Tensor, max_new_tokens: int, *
             if limit is not None and cache.pos >= limit:
                 context = context[:, -(limit // 2):]
                 cache = model.new_cache(batch)
-                logits = model(context, cache=cache)[:, -1]
+                logits = model.last_logits(context, cache=cache)
             else:
-                logits = model(token[:, None], cache=cache)[:, -1]
+                logits = model.last_logits(token[:, None], cache=cache)
             if limit is None:
                 context = context[:, -1:]  # an unbounded model never needs the text back
     finally:

@@ -37,7 +37,11 @@ def memory_fraction(budget_bytes: int, total_bytes: int) -> float:
 
 
 class GPUMemoryBudget(Callback):
-    def __init__(self, memory_gb: float, headroom: float) -> None:
+    """`card` names the card the preset stands for (a key of efficia.throughput.GPU_PEAK_TFLOPS: the plan's
+    step time, efficia/plan.py)."""
+
+    def __init__(self, memory_gb: float, headroom: float, card: str) -> None:
+        self.card = card
         self.budget = int(memory_gb * 2**30)
         self.headroom = headroom
         self.micro_batch: int | None = None
@@ -57,7 +61,8 @@ class GPUMemoryBudget(Callback):
         self.micro_batch, self.accumulate = plan_accumulation(batch_size, fits)
         datamodule.batch_size = self.micro_batch
         trainer.accumulate_grad_batches = self.accumulate
-        rank_zero_info(f"GPUMemoryBudget: capped to {self.budget / 2**30:.0f} GB of {total / 2**30:.0f} GB; "
+        rank_zero_info(f"GPUMemoryBudget: capped to {self.budget / 2**30:.0f} GB ({self.card}) of "
+                       f"{total / 2**30:.0f} GB; "
                        f"micro-batch {self.micro_batch} x {self.accumulate} accumulation = batch {batch_size}")
 
     def largest_fitting_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_size: int,
@@ -73,8 +78,8 @@ class GPUMemoryBudget(Callback):
             try:
                 idx = torch.randint(vocab, (micro_batch, seq_len + 1), device=pl_module.device)
                 with trainer.precision_plugin.forward_context():
-                    losses, _ = pl_module.token_losses((idx[:, :-1], idx[:, 1:]))
-                losses.mean().backward()
+                    loss = pl_module.loss((idx[:, :-1], idx[:, 1:]))
+                loss.backward()
                 return torch.cuda.max_memory_allocated() + optimizer_bytes <= self.budget * (1 - self.headroom)
             except torch.cuda.OutOfMemoryError:
                 return False

@@ -11,11 +11,14 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import MulticlassAccuracy
 
 from efficia.callbacks import loggers_write_at
+from efficia.checkpoint import build_net
+from efficia.data.base import IGNORE, DataModule
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import TrainingError
-from efficia.models import build_model
+from efficia.models.output import linear_cross_entropy
 
 
 class BitsPerByte(Metric):
@@ -48,17 +51,20 @@ class LanguageModule(L.LightningModule):
     """Wraps any registered architecture. `cfg` is the whole resolved run config (plain types), kept in
     the checkpoint together with the tokenizer state so a checkpoint alone rebuilds model and tokenizer."""
 
-    LOGGED = ("val/loss", "val/ppl", "val/bpb", "train/loss", "train/tokens")  # what a callback may monitor
+    LOGGED = ("val/loss", "val/ppl", "val/bpb", "val/recall_acc", "train/loss", "train/tokens")  # may be monitored
 
     def __init__(self, cfg: dict[str, Any], tokenizer_state: dict[str, Any]) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.cfg = cfg
         self.tokenizer = tokenizer_from_state(tokenizer_state)
-        self.net = build_model(cfg["model"], self.tokenizer.vocab_size)
+        self.net = build_net(cfg["model"], self.tokenizer.vocab_size)
         self.register_buffer("token_bytes", self.tokenizer.token_byte_lengths(), persistent=False)
         self.val_loss = MeanMetric()
         self.val_bpb = BitsPerByte()
+        self.recall_acc = self.answer_accuracy()
+        self.recall_acc_by_set = torch.nn.ModuleList()  # one per named validation set, made in setup()
+        self.val_names: list[str] = []  # the validation sets' names when there are several
         self.tokens_seen = 0
         # one training window: Lightning's model summary counts its forward FLOPs (instead of "Total FLOPs: 0")
         seq_len = cfg.get("data", {}).get("seq_len") or cfg["model"]["max_seq_len"]
@@ -67,15 +73,37 @@ class LanguageModule(L.LightningModule):
     def forward(self, idx: Tensor) -> Tensor:
         return self.net(idx)
 
-    def token_losses(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def answer_accuracy(self) -> MulticlassAccuracy:
+        """Share of scored targets (not IGNORE) whose most likely token is the target: recall tasks' answers."""
+        return MulticlassAccuracy(num_classes=self.tokenizer.vocab_size, average="micro", ignore_index=IGNORE,
+                                  validate_args=False)
+
+    def setup(self, stage: str) -> None:
+        """Several validation sets (e.g. MQAR's test settings) get an accuracy each, logged under their names."""
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        names = datamodule.val_names if isinstance(datamodule, DataModule) else ["val"]
+        if len(names) > 1 and len(self.recall_acc_by_set) != len(names):
+            self.val_names = list(names)
+            self.recall_acc_by_set = torch.nn.ModuleList(self.answer_accuracy() for _ in names)
+
+    def loss(self, batch: tuple[Tensor, Tensor], reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the batch through the output unit (`loss.impl`: fused chunks or plain logits);
+        targets equal to `loss.ignore_index` count for nothing. "none": per-token losses [B*T] (0 where ignored)."""
         x, y = batch
-        logits = self.net(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        return losses, y
+        cfg = self.cfg["loss"]
+        rows = max(1, int(cfg["chunk_mb"] * 2**20) // (4 * self.net.head_weight.shape[0]))
+        return linear_cross_entropy(self.net.hidden(x), self.net.head_weight, y, impl=cfg["impl"], chunk_size=rows,
+                                    ignore_index=cfg["ignore_index"], reduction=reduction)
+
+    def token_losses(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-token losses and targets of the positions that count (ignore_index dropped), both flat."""
+        losses, y = self.loss(batch, reduction="none"), batch[1].flatten()
+        keep = y != self.cfg["loss"]["ignore_index"]
+        return (losses, y) if bool(keep.all()) else (losses[keep], y[keep])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        losses, y = self.token_losses(batch)
-        loss = losses.mean()
+        y = batch[1]
+        loss = self.loss(batch)
         if not torch.isfinite(loss):  # one host sync per step: the price of naming the step that diverged
             return self.non_finite(loss)
         self.tokens_seen += y.numel() * self.trainer.world_size
@@ -97,17 +125,34 @@ class LanguageModule(L.LightningModule):
                             "raise scheduler.warmup_steps or keep trainer.gradient_clip_val); nonfinite_loss=skip "
                             "skips such batches instead")
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        losses, y = self.token_losses(batch)
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        scored = y != self.cfg["loss"]["ignore_index"]
+        if bool(scored.all()):  # language modelling: every position counts, through the output unit
+            losses, targets = self.token_losses(batch)
+        else:  # a target mask (recall tasks): logits of the scored positions only, for loss and accuracy
+            logits = F.linear(self.net.hidden(x)[scored], self.net.head_weight)  # [N, V]
+            targets = y[scored]
+            losses = F.cross_entropy(logits.float(), targets, reduction="none")
+            predictions = logits.argmax(-1)
+            self.recall_acc.update(predictions, targets)
+            if len(self.recall_acc_by_set):
+                self.recall_acc_by_set[dataloader_idx].update(predictions, targets)
         self.val_loss.update(losses)
-        self.val_bpb.update(losses, self.token_bytes[y])
+        self.val_bpb.update(losses, self.token_bytes[targets])
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
-        self.log_dict({"val/loss": loss, "val/ppl": loss.exp(), "val/bpb": self.val_bpb.compute()},
-                      prog_bar=True, sync_dist=False)
-        self.val_loss.reset()
-        self.val_bpb.reset()
+        values = {"val/loss": loss, "val/ppl": loss.exp(), "val/bpb": self.val_bpb.compute()}
+        if self.recall_acc.update_called:
+            values["val/recall_acc"] = self.recall_acc.compute()
+        self.log_dict(values, prog_bar=True, sync_dist=False)
+        by_set = zip(self.val_names, self.recall_acc_by_set, strict=True) if len(self.recall_acc_by_set) else ()
+        per_set = {f"val/recall_acc/{name}": metric.compute() for name, metric in by_set if metric.update_called}
+        if per_set:
+            self.log_dict(per_set, sync_dist=False)
+        for metric in (self.val_loss, self.val_bpb, self.recall_acc, *self.recall_acc_by_set):
+            metric.reset()
 
     def optimizer_and_schedule(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
         """Weight decay on matrices (dim >= 2) only; biases, norms and gains are not decayed. Also what

@@ -2,7 +2,7 @@
 channel, activations quantized per call, int8 GEMM), everything else stays float.
 
 A Linear whose weight a model reads as a matrix (MLA's absorbed decoding multiplies by W_uk and W_uv) carries
-`keep_float = True` and is left alone, so every registered model decodes the same way quantized or not.
+`mark_keep_float` and is left alone, so every registered model decodes the same way quantized or not.
 Built on `torch.ao.quantization.quantize_dynamic`, which torch 2.13 still ships (it warns that it is moving to
 torchao); the warning is silenced here because the user asked for exactly this.
 """
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from efficia.errors import ConfigError
+from efficia.models.blocks import keeps_float
 
 MODES = ("int8",)
 
@@ -31,7 +32,7 @@ def check_mode(mode: str | None, device: torch.device) -> None:
 def quantize_int8(net: nn.Module) -> nn.Module:
     """Replace the Linear layers of an eval-mode model in place; returns it."""
     names = {name for name, m in net.named_modules()
-             if type(m) is nn.Linear and not getattr(m, "keep_float", False)}
+             if type(m) is nn.Linear and not keeps_float(m)}
     spec = {name: torch.ao.quantization.per_channel_dynamic_qconfig for name in names}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated",

@@ -1,9 +1,11 @@
 """Sweeps: each job records itself (RunRecord), the sweep writes one comparison report (SweepReport).
 
 A job's record is `<job dir>/run_record.json`: parameters, decoding-cache bytes, token budget, wall time,
-training tokens/s and every validation (step, tokens seen, wall time, loss, bpb). The report reads the
-records of every job under a sweep directory and writes `summary.csv`, `summary.md` and `summary.png`
-there, after each job (so an interrupted or failed sweep still has one) and at the end of the sweep.
+training tokens/s and every validation (step, tokens seen, wall time, loss, bpb, and on recall data the
+answer accuracy overall and per test setting). The report reads the records of every job under a sweep
+directory and writes `summary.csv`, `summary.md` and `summary.png` there (plus `recall.png`, accuracy
+against the test settings' seq_len and num_kv_pairs per job, when jobs measured recall), after each job
+(so an interrupted or failed sweep still has one) and at the end of the sweep.
 `python -m efficia.sweep <sweep dir>` rebuilds it by hand.
 """
 
@@ -27,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 RECORD = "run_record.json"
+RECALL = "val/recall_acc"
 CACHE_LENGTHS = (1024, 8192)  # decoding-cache bytes are reported at these sequence lengths
 
 
@@ -43,13 +46,19 @@ class RunRecord(Callback):
         self.train_tokens = 0       # tokens in timed training intervals (batch end to batch end)
         self.train_s = 0.0
         self.fit_start: float | None = None
+        self.cpu_start = 0.0         # process CPU seconds at fit start: on a shared machine, what the run itself used
+        self.prior_cpu_s = 0.0
         self.last_end: float | None = None
 
     def wall_s(self) -> float:
         return self.prior_wall_s + (time.perf_counter() - self.fit_start if self.fit_start is not None else 0.0)
 
+    def cpu_s(self) -> float:
+        return self.prior_cpu_s + time.process_time() - self.cpu_start
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start = time.perf_counter()
+        self.cpu_start = time.process_time()
         update_wandb_summary(trainer, static_facts(pl_module))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
@@ -71,9 +80,14 @@ class RunRecord(Callback):
         if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
             return
         m = trainer.callback_metrics
-        self.val.append({"step": trainer.global_step, "tokens": float(getattr(pl_module, "tokens_seen", 0)),
-                         "wall_s": self.wall_s(), "time": time.time(), "loss": float(m["val/loss"]),
-                         "bpb": float(m["val/bpb"]) if "val/bpb" in m else math.nan})
+        entry = {"step": trainer.global_step, "tokens": float(getattr(pl_module, "tokens_seen", 0)),
+                 "wall_s": self.wall_s(), "cpu_s": self.cpu_s(), "time": time.time(), "loss": float(m["val/loss"]),
+                 "bpb": float(m["val/bpb"]) if "val/bpb" in m else math.nan}
+        if RECALL in m:  # recall data: the answers' accuracy, overall and per test setting (`<T>x<P>`)
+            entry["recall_acc"] = float(m[RECALL])
+            entry["recall"] = {k.removeprefix(RECALL + "/"): float(v) for k, v in m.items()
+                               if k.startswith(RECALL + "/")}
+        self.val.append(entry)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         record = {**static_facts(pl_module), **self.summary(trainer, pl_module), "val": self.val}
@@ -87,12 +101,14 @@ class RunRecord(Callback):
             "steps": trainer.global_step,
             "tokens": float(getattr(pl_module, "tokens_seen", 0)),
             "wall_s": self.wall_s(),
+            "cpu_s": self.cpu_s(),
             "tokens_per_s": self.train_tokens / self.train_s if self.train_s > 0 else math.nan,
             "best_val_loss": best["loss"] if best else math.nan,
             "best_val_bpb": best["bpb"] if best else math.nan,  # bpb at the best-loss validation
             "best_val_step": best["step"] if best else None,
             "final_val_loss": last["loss"] if last else math.nan,
             "final_val_bpb": last["bpb"] if last else math.nan,
+            **recall_summary(self.val),
         }
 
     @rank_zero_only
@@ -103,11 +119,22 @@ class RunRecord(Callback):
         tmp.replace(self.path)  # a reader never sees half a record
 
     def state_dict(self) -> dict[str, Any]:
-        return {"val": self.val, "wall_s": self.wall_s()}
+        return {"val": self.val, "wall_s": self.wall_s(), "cpu_s": self.cpu_s()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.val = list(state_dict.get("val", []))
         self.prior_wall_s = float(state_dict.get("wall_s", 0.0))
+        self.prior_cpu_s = float(state_dict.get("cpu_s", 0.0))
+
+
+def recall_summary(val: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final and best answer accuracy, and the final one per test setting (`recall_acc/<T>x<P>`)."""
+    scored = [v for v in val if "recall_acc" in v]
+    if not scored:
+        return {}
+    last = scored[-1]
+    return {"final_recall_acc": last["recall_acc"], "best_recall_acc": max(v["recall_acc"] for v in scored),
+            **{f"recall_acc/{name}": acc for name, acc in last["recall"].items()}}
 
 
 def static_facts(pl_module: L.LightningModule) -> dict[str, Any]:
@@ -127,8 +154,14 @@ def update_wandb_summary(trainer: L.Trainer, values: dict[str, Any]) -> None:
 # -- the sweep report -----------------------------------------------------------------------------
 
 COLUMNS = ["job", "overrides", "model", "params", "steps", "tokens", "best_val_loss", "best_val_bpb",
-           "final_val_loss", "final_val_bpb", "wall_s", "tokens_per_s",
-           *(f"cache_bytes@{n}" for n in CACHE_LENGTHS), "status"]
+           "final_val_loss", "final_val_bpb", "wall_s", "cpu_s", "tokens_per_s",
+           *(f"cache_bytes@{n}" for n in CACHE_LENGTHS), "final_recall_acc", "best_recall_acc", "status"]
+
+
+def setting_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """`recall_acc/<T>x<P>` columns of every job, ordered by seq_len then pairs."""
+    names = {k for r in rows for k in r if k.startswith("recall_acc/")}
+    return sorted(names, key=lambda k: tuple(int(n) for n in k.removeprefix("recall_acc/").split("x")))
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -149,7 +182,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         record_path = d / RECORD
         if record_path.is_file():
             record = json.loads(record_path.read_text())
-            row.update({k: record.get(k) for k in COLUMNS if k in record})
+            row.update({k: v for k, v in record.items() if k in COLUMNS or k.startswith("recall_acc/")})
             row["status"] = "done"
             row["val"] = record.get("val", [])
         else:
@@ -173,11 +206,14 @@ def write_report(sweep_dir: str | Path) -> Path | None:
     rows = collect(sweep_dir)
     if not rows:
         return None
+    columns = COLUMNS[:-1] + setting_columns(rows) + COLUMNS[-1:]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, sweep_dir / "summary.png")
+    if setting_columns(rows):
+        plot_recall(rows, sweep_dir / "recall.png")
     md = sweep_dir / "summary.md"
     md.write_text(markdown(rows, sweep_dir))
     return md
@@ -208,7 +244,25 @@ def markdown(rows: list[dict[str, Any]], sweep_dir: Path) -> str:
                  *(fmt(r.get(f"cache_bytes@{n}"), ",.0f", 1024) for n in CACHE_LENGTHS), r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![val loss against steps, tokens and wall time](summary.png)", ""]
+    if setting_columns(rows):
+        lines += recall_markdown(rows)
     return "\n".join(lines)
+
+
+def recall_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """Answer accuracy of the final weights per test setting (seq_len x pairs), best first."""
+    settings = setting_columns(rows)
+    ranked = sorted(rows, key=lambda r: -(r.get("final_recall_acc") or -1))
+    lines = ["## Recall: answer accuracy of the final weights", "",
+             "| job | its overrides | overall | best overall | "
+             + " | ".join(s.removeprefix("recall_acc/") for s in settings) + " |",
+             "|---|---|---|---|" + "---|" * len(settings)]
+    for r in ranked:
+        cells = [r["job"], f"`{r['varies']}`" if r["varies"] else "", fmt(r.get("final_recall_acc"), ".3f"),
+                 fmt(r.get("best_recall_acc"), ".3f"), *(fmt(r.get(s), ".3f") for s in settings)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![accuracy against seq_len and num_kv_pairs](recall.png)", ""]
+    return lines
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -230,6 +284,39 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("val loss (nats/token)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) if handles else 0, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_recall(rows: list[dict[str, Any]], path: Path) -> None:
+    """Left: accuracy against test seq_len (at the most common pair count); right: against pairs (at the most
+    common seq_len). One line per job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [tuple(int(n) for n in s.removeprefix("recall_acc/").split("x")) for s in setting_columns(rows)]
+    common_p = max({p for _, p in settings}, key=lambda p: sum(q == p for _, q in settings))
+    common_t = max({t for t, _ in settings}, key=lambda t: sum(u == t for u, _ in settings))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for r in rows:
+        label = f"{r['job']}: {r['varies']}" if r["varies"] else r["job"]
+        for ax, pick in ((axes[0], lambda t, p: (p == common_p, t)), (axes[1], lambda t, p: (t == common_t, p))):
+            points = sorted((pick(t, p)[1], r[f"recall_acc/{t}x{p}"]) for t, p in settings
+                            if pick(t, p)[0] and r.get(f"recall_acc/{t}x{p}") is not None)
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-", markersize=4, label=label)
+    axes[0].set_xlabel(f"test seq_len ({common_p} pairs)")
+    axes[1].set_xlabel(f"test num_kv_pairs (seq_len {common_t})")
+    axes[0].set_ylabel("answer accuracy")
+    for ax in axes:
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)

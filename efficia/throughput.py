@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import measure_flops
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
+from efficia.checkpoint import model_inputs
 from efficia.models import build_model
 
 # Dense tensor-core TFLOPS (fp32 accumulate) for bf16/fp16 and tf32; plain fp32 without tensor cores.
@@ -72,10 +73,11 @@ def compute_dtype(precision: str, device_type: str) -> str:
 def training_flops_per_token(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int) -> float:
     """Forward + backward FLOPs per token of one `seq_len` window, counted on the meta device (no memory,
     no time): the model is built from its config exactly as training builds it."""
+    inputs = {k: None if v is None else v.to("meta") for k, v in model_inputs(model_cfg, vocab_size).items()}
     with torch.device("meta"):
-        net = build_model(model_cfg, vocab_size)
+        net = build_model(model_cfg, vocab_size, **inputs)
         idx = torch.zeros(1, seq_len, dtype=torch.long)
-    net.to("meta").train()  # tensors a model loads from files (efficientlm's external table) are still real
+    net.train()
 
     def loss(logits: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), idx.flatten())

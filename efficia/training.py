@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import efficia.config  # noqa: F401  (registers the ${mixed_precision:} resolver recipes use)
 from efficia.callbacks import FinalValidation
 from efficia.checks import check_fits, check_run_config, config_errors
+from efficia.data.base import DataModule
 from efficia.errors import ConfigError, TrainingError
 from efficia.module import LanguageModule
 from efficia.reliability import AtomicCheckpointIO, GracefulStop, RNGState, find_checkpoint_callback, weights_finite
@@ -108,19 +109,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print_config(cfg)
     with config_errors("data"):
         datamodule = instantiate(cfg.data, tokenizer=plain_cfg["tokenizer"])
+    if not isinstance(datamodule, DataModule):
+        raise ConfigError(f"data._target_={cfg.data.get('_target_')} is a {type(datamodule).__name__}, not an "
+                          "efficia.data.base.DataModule; subclass it (prepare, describe, the loaders)")
     datamodule.prepare()
+    context = plain_cfg["model"].get("max_seq_len")
+    if isinstance(context, int) and datamodule.longest > context:
+        raise ConfigError(f"the data yield sequences of {datamodule.longest} tokens (training or validation), longer "
+                          f"than model.max_seq_len={context}; raise model.max_seq_len or shorten the data")
     if ckpt_path:
         check_resumable(ckpt_path, plain_cfg, datamodule.tokenizer.state())
-    with config_errors("model"):
-        module = LanguageModule(plain_cfg, datamodule.tokenizer.state())
+    # no config_errors here: the registry and the constructors refuse bad model settings in one line (ConfigError);
+    # anything else a constructor raises is a bug and keeps its traceback
+    module = LanguageModule(plain_cfg, datamodule.tokenizer.state())
     with config_errors("optimizer"):  # built for real inside fit; refuse bad values before any work
         instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
     n_params = module.net.num_params()
     rank_zero_only(print)(f"model={cfg.model.name}: {n_params:,} parameters ({n_params / 1e6:.2f}M); "
                           f"vocab {datamodule.tokenizer.vocab_size} ({datamodule.tokenizer.name}); "
-                          + (datamodule.describe() if hasattr(datamodule, "describe")  # a stream has no length
-                             else f"{len(datamodule.train_tokens):,} train / {len(datamodule.val_tokens):,} val "
-                                  "tokens"))
+                          f"{datamodule.describe()}")
     with config_errors("logger"):
         loggers = build_loggers(cfg.get("logger"))
     with config_errors("callbacks"):
@@ -186,6 +193,8 @@ def report(result: dict[str, Any], cfg: DictConfig) -> None:
     lines = [f"done: {result['global_step']} steps"]
     if "val/loss" in m:
         lines[0] += f"; val/loss {m['val/loss']:.4f}, val/bpb {m.get('val/bpb', float('nan')):.4f}"
+    if "val/recall_acc" in m:
+        lines[0] += f", val/recall_acc {m['val/recall_acc']:.4f}"
     if result["best_ckpt"]:
         lines.append(f"best checkpoint: {result['best_ckpt']}")
     if result["last_ckpt"]:

@@ -65,10 +65,14 @@ def write_external_table(path: Path, vocab_size: int = TINY_VOCAB, dim: int = 12
     return path
 
 
-# The adapter-on variant of the generic model tests points at this table.
-# A fixed path (same content every time), so test ids are the same in every process.
-EXTERNAL_TABLE = write_external_table(
-    Path(tempfile.gettempdir()) / f"efficia-test-external-{TINY_VOCAB}x12.safetensors")
+# The adapter-on variant of the generic model tests points at this table. A fixed path (same content every
+# time), so test ids are the same in every process; written once per session by the fixture below.
+EXTERNAL_TABLE = Path(tempfile.gettempdir()) / f"efficia-test-external-{TINY_VOCAB}x12.safetensors"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def external_table() -> Path:
+    return write_external_table(EXTERNAL_TABLE)
 
 
 def tiny_model_cfg(name: str, *overrides: str) -> dict:
@@ -79,10 +83,10 @@ def tiny_model_cfg(name: str, *overrides: str) -> dict:
 
 def build_tiny(name: str, *overrides: str, vocab_size: int = TINY_VOCAB, seed: int = 0):
     """The tiny model of `name` built from its own yaml, so the yaml is tested too."""
-    from efficia.models import build_model
+    from efficia.checkpoint import build_net
 
     torch.manual_seed(seed)
-    return build_model(tiny_model_cfg(name, *overrides), vocab_size)
+    return build_net(tiny_model_cfg(name, *overrides), vocab_size)
 
 
 @pytest.fixture

@@ -164,7 +164,7 @@ def test_state_carries_across_calls_like_one_forward():
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("key", ["window", "mem_size", "n_persistent", "compressed_dim", "conv_size"])
+@pytest.mark.parametrize("key", ["segment", "mem_size", "n_persistent", "compressed_dim", "conv_size"])
 def test_bad_sizes_are_one_clear_error(key):
     with pytest.raises(ConfigError, match=f"model=efficia: {key} must be >= 1, got 0; set model.{key}"):
         build_tiny("efficia", f"model.{key}=0")
@@ -174,5 +174,5 @@ def test_small_experiment_is_the_seed_small_recipe(make_cfg):
     cfg = make_cfg("experiment=efficia_small")
     m = cfg.model
     assert (m.name, m.d_model, m.n_layer, m.n_head, m.compressed_dim, m.max_seq_len) == ("efficia", 128, 4, 4, 96, 512)
-    assert (m.window, m.mem_size, m.ffn_hidden) == (256, 512, 512)
+    assert (m.segment, m.mem_size, m.ffn_hidden) == (256, 512, 512)
     assert (cfg.data.seq_len, cfg.data.batch_size, cfg.optimizer.lr, cfg.tokenizer.kind) == (512, 64, 1e-4, "char")

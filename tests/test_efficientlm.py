@@ -99,7 +99,7 @@ def test_training_attention_equals_the_masked_formulation(s: int, T: int) -> Non
 
 @pytest.mark.parametrize("s", [2, 3, 4])
 def test_cache_holds_ceil_t_over_s_slots(s: int) -> None:
-    """After each token: ceil(T/s) slots of (kv_lora_rank + qk_rope) numbers per layer, a slot appended exactly
+    """After each token: ceil(T/s) slots of (kv_rank + rope_dim) numbers per layer, a slot appended exactly
     when a token starts a chunk, and cache_bytes the bytes held."""
     model = build_tiny("efficientlm", f"model.down_rate={s}").eval()
     cfg = model.blocks[0].mixer
@@ -223,7 +223,7 @@ def test_adapter_source_can_be_another_efficia_checkpoint(make_cfg, tmp_path) ->
 @pytest.mark.parametrize(("override", "message"), [
     ("model.external.source=/nonexistent/table.safetensors", "external embedding source .* does not exist"),
     ("model.down_rate=0", "down_rate must be >= 1, got 0"),
-    ("model.qk_rope_head_dim=3", "qk_rope_head_dim must be even"),
+    ("model.rope_dim=3", "rope_dim must be even"),
 ])
 def test_bad_settings_are_clear_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -151,8 +151,8 @@ def test_decoding_state_is_the_current_block_plus_slots() -> None:
 
 @pytest.mark.parametrize(("override", "message"), [
     (("model.k_per_block=9",), "1 <= k_per_block <= block, got block=8, k_per_block=9"),
-    (("model.block=0",), "need block >= 1"),
-    (("model.rank=0",), "rank must be >= 1"),
+    (("model.block=0",), "block must be >= 1, got 0"),
+    (("model.q_rank=0",), "rank must be >= 1"),
 ])
 def test_bad_lumenspark_settings_are_clear_errors(override, message) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -22,7 +22,7 @@ from tests.conftest import CONF, EXTERNAL_TABLE, ROOT, TINY_VOCAB, build_tiny
 VOCAB = TINY_VOCAB
 # Flag variants that must keep the contract too (x-transformers' one-flag-one-test, per flag).
 VARIANTS: dict[str, list[tuple[str, ...]]] = {
-    "efficia": [(), ("model.window=5",), ("model.mem_size=1", "model.conv_size=1"), ("model.mem_size=9",)],
+    "efficia": [(), ("model.segment=5",), ("model.mem_size=1", "model.conv_size=1"), ("model.mem_size=9",)],
     "efficientlm": [(), ("model.down_rate=1",), ("model.down_rate=2",), ("model.down_rate=4",),
                     (f"model.external.source={EXTERNAL_TABLE}",)],
     "gpt": [(), ("model.n_kv_head=1",), ("model.pos_emb=learned",), ("model.dropout=0.2", "model.n_kv_head=1")],

@@ -118,11 +118,13 @@ def test_seed_sizes_cache_ratio_against_mha_and_gqa() -> None:
     ("model.attention=linear", "attention must be 'mla' or 'gqa', got 'linear'"),
     ("model.decode=fast", "decode must be 'absorbed' or 'expanded', got 'fast'"),
     ("model.rope_dim=3", "rope_dim must be even and >= 2, got 3"),
-    ("model.compression_ratio=0.0", "latent rank >= 1"),
+    ("model.kv_rank=0", "kv_rank must be >= 1, got 0"),
+    ("model.n_kv_head=2", "n_kv_head=2 is read by attention=gqa only"),
+    ("model.attention=gqa model.kv_rank=8", "kv_rank are read by attention=mla only; set model.kv_rank=null"),
 ])
 def test_bad_settings_are_clear_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        tiny(override)
+        tiny(*override.split())
 
 
 def test_experiment_recipe(make_cfg) -> None:

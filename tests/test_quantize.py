@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from efficia.errors import ConfigError
+from efficia.models.blocks import keeps_float
 from efficia.quantize import check_mode, quantize_int8
 from efficia.sampling_cli import sample
 from efficia.training import train
-from tests.conftest import EXTERNAL_TABLE, TINY_VOCAB, build_tiny, require_data, write_external_table
+from tests.conftest import EXTERNAL_TABLE, TINY_VOCAB, build_tiny, require_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +25,6 @@ def float_linears(model: nn.Module) -> list[nn.Linear]:
 
 @pytest.mark.parametrize("case", CASES, ids=" ".join)
 def test_int8_model_stays_close_and_decodes_like_itself(case: tuple[str, ...]) -> None:
-    write_external_table(EXTERNAL_TABLE)
     model = build_tiny(*case).eval()
     idx = torch.randint(TINY_VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -35,7 +35,7 @@ def test_int8_model_stays_close_and_decodes_like_itself(case: tuple[str, ...]) -
         cached = torch.cat([model(idx[:, :12], cache=cache)]
                            + [model(idx[:, i:i + 1], cache=cache) for i in range(12, 20)], dim=1)
     # every Linear is int8 except those a model reads as matrices (marked keep_float)
-    assert all(getattr(m, "keep_float", False) for m in float_linears(model))
+    assert all(keeps_float(m) for m in float_linears(model))
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
     assert (logits - reference).norm() / reference.norm() < 0.05  # int8 rounding, not a different model
     # activations are quantized per call, so a cached token and the full forward round slightly differently

@@ -308,6 +308,28 @@ def test_too_little_data_for_one_batch_is_an_error(make_cfg, tmp_path: Path) -> 
         train(make_cfg("debug=limit", "logger=csv", f"data.path={small}", "data.batch_size=512"))
 
 
+@pytest.mark.parametrize("context, split", [(2_000_000, "training"), (500_000, "validation")])
+def test_a_window_longer_than_the_data_stops_at_once(make_cfg, context: int, split: str) -> None:
+    """Tiny Shakespeare holds ~1.0M training and ~112k validation characters. A longer window used to run
+    Lightning's model summary forward at that length first (minutes, gigabytes): now one line, at once."""
+    require_data()
+    start = time.perf_counter()
+    with pytest.raises(DataError) as info:
+        train(make_cfg("logger=csv", f"model.max_seq_len={context}"))
+    message = str(info.value)
+    assert message.startswith(f"the {split} split holds ") and "\n" not in message, message
+    assert f"fewer than one window of data.seq_len={context}" in message
+    assert time.perf_counter() - start < 60  # seconds: reading and encoding the text, nothing at that length
+
+
+def test_an_empty_data_file_is_one_line(make_cfg, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError) as info:
+        train(make_cfg("debug=fast_dev_run", "logger=csv", f"data.path={empty}"))
+    assert str(info.value) == f"{empty} is empty: point data.path at a plain-text corpus"
+
+
 # -- 6 + 7: run folders and resume overrides -------------------------------------------------------
 
 def test_a_used_run_folder_is_refused_and_left_intact(make_cfg) -> None:

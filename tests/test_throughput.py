@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from efficia.callbacks import PlainProgress, progress_bar
+from efficia.checkpoint import build_net
 from efficia.config import compose_run
-from efficia.models import MODELS, build_model
+from efficia.models import MODELS
 from efficia.models.blocks import Dropout, attend, attention_with_dropout, dropout, sdpa
 from efficia.throughput import compute_dtype, gpu_peak, training_flops_per_token
 from efficia.training import train
-from tests.conftest import EXTERNAL_TABLE, TINY_VOCAB, require_data, tiny_model_cfg, write_external_table
+from tests.conftest import EXTERNAL_TABLE, TINY_VOCAB, require_data, tiny_model_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,9 +51,8 @@ def test_flops_follow_the_architecture_not_a_formula() -> None:
 @pytest.mark.parametrize("case", [(name,) for name in sorted(MODELS)]
                          + [("efficientlm", f"model.external.source={EXTERNAL_TABLE}")], ids=str)
 def test_every_model_counts_flops_on_the_meta_device(case: tuple[str, ...]) -> None:
-    write_external_table(EXTERNAL_TABLE)
     per_token = training_flops_per_token(tiny_model_cfg(*case), TINY_VOCAB, 32)
-    params = sum(p.numel() for p in build_model(tiny_model_cfg(*case), TINY_VOCAB).parameters())
+    params = sum(p.numel() for p in build_net(tiny_model_cfg(*case), TINY_VOCAB).parameters())
     assert 2 * params < per_token < 12 * params + 1e6  # about 6 FLOPs per weight, plus attention
 
 

@@ -13,11 +13,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from efficia.data.base import DataModule
 from efficia.data.resumable import ResumableSampler, training_position
 from efficia.data.tokenizers import Tokenizer, build_tokenizer
 from efficia.errors import DataError
@@ -75,7 +75,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-class ShakespeareDataModule(L.LightningDataModule):
+class ShakespeareDataModule(DataModule):
     def __init__(self, *, tokenizer: dict[str, Any], path: str | None, url: str, sha256: str, filename: str,
                  cache_dir: str, seq_len: int, batch_size: int, val_batch_size: int, val_fraction: float,
                  num_workers: int, seed: int) -> None:
@@ -150,12 +150,28 @@ class ShakespeareDataModule(L.LightningDataModule):
         except UnicodeDecodeError as err:
             raise DataError(f"{text_file} is not UTF-8 text ({err.reason} at byte {err.start}); "
                             "point data.path at a plain-text corpus") from None
+        if not text:
+            raise DataError(f"{text_file} is empty: point data.path at a plain-text corpus")
         self.tokenizer = build_tokenizer(self.tokenizer_cfg, corpus=text)
         split_at = int(len(text) * (1 - self.val_fraction))
         # the key names everything that changes the tokens: the text, the tokenizer and where the split falls
         key = f"{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}-{self.tokenizer.name}-split{split_at}"
         self.train_tokens = self.encode_cached(text[:split_at], f"{key}-train")
         self.val_tokens = self.encode_cached(text[split_at:], f"{key}-val")
+        self.check_windows()
+
+    def check_windows(self) -> None:
+        """Refuse a window longer than a split now, before anything runs a model at that length (Lightning's
+        model summary runs one forward over a whole window: minutes and gigabytes at a length of millions)."""
+        for split, tokens in (("training", self.train_tokens), ("validation", self.val_tokens)):
+            if len(tokens) <= self.seq_len:
+                raise DataError(f"the {split} split holds {len(tokens):,} tokens, fewer than one window of "
+                                f"data.seq_len={self.seq_len} (+1 target); lower data.seq_len (it follows "
+                                "model.max_seq_len) or use more text")
+        if len(self.train_tokens) - self.seq_len < self.batch_size:
+            raise DataError(f"the training split has {len(self.train_tokens) - self.seq_len:,} windows of "
+                            f"seq_len={self.seq_len}, fewer than one batch (data.batch_size={self.batch_size}); "
+                            "lower data.batch_size or seq_len, or use more text")
 
     def encode_cached(self, text: str, key: str) -> torch.Tensor:
         dtype = np.uint16 if self.tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
@@ -170,6 +186,9 @@ class ShakespeareDataModule(L.LightningDataModule):
                 raise DataError(f"cannot write the token cache {cache_file} ({err.strerror}); point data.cache_dir "
                                 "(or EFFICIA_CACHE_DIR) at a writable folder") from None
         return torch.from_numpy(ids.astype(np.int64))
+
+    def describe(self) -> str:
+        return f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens"
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

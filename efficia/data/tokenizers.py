@@ -1,5 +1,6 @@
-"""Tokenizers: `char` (vocabulary from the corpus, saved in the checkpoint), `gpt2` (tiktoken) and `byte`
-(UTF-8 bytes plus an end-of-text id: nothing to build, so it suits any stream).
+"""Tokenizers: `char` (vocabulary from the corpus, saved in the checkpoint), `gpt2` (tiktoken), `byte`
+(UTF-8 bytes plus an end-of-text id: nothing to build, so it suits any stream) and `ids` (data that are
+token ids already, e.g. data=mqar: the text form of a token is its number).
 
 A tokenizer round-trips through `state()` / `tokenizer_from_state`, plain types only, so a
 checkpoint can rebuild it without the training data and load with `weights_only=True`.
@@ -144,12 +145,61 @@ class ByteTokenizer:
         return {"kind": self.kind}
 
 
-Tokenizer = CharTokenizer | TiktokenTokenizer | ByteTokenizer
+class IdTokenizer:
+    """Token ids 0..vocab_size-1 with no text behind them (generated tasks such as MQAR). A token's text is its
+    decimal number and a space, so prompts and samples read "12 4099 7 "; bits per byte count those bytes."""
+
+    kind = "ids"
+    eot: int | None = None
+
+    def __init__(self, vocab_size: int) -> None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+            raise TokenizerError(f"ids tokenizer: vocab_size={vocab_size!r}: give a whole number >= 2")
+        self.size = vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.size
+
+    @property
+    def name(self) -> str:
+        return f"ids{self.size}"
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = [int(t) for t in text.split()]
+        except ValueError:
+            raise TokenizerError(f"ids tokenizer: {text[:40]!r} is not whitespace-separated token ids; "
+                                 f"write the prompt as numbers, e.g. \"3 {self.size // 2 + 1} 5\"") from None
+        if any(not 0 <= i < self.size for i in ids):
+            raise TokenizerError(f"ids tokenizer: token ids must lie in [0, {self.size}); got {max(ids)}")
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"{i} " for i in ids)
+
+    def token_byte_lengths(self) -> torch.Tensor:
+        return torch.tensor([len(str(i)) + 1 for i in range(self.size)], dtype=torch.float32)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocab_size": self.size}
 
 
-def build_tokenizer(cfg: dict[str, Any], corpus: str | None = None) -> Tokenizer:
-    """From the `tokenizer` config group; `char` builds its vocabulary from the corpus text."""
+Tokenizer = CharTokenizer | TiktokenTokenizer | ByteTokenizer | IdTokenizer
+
+
+def build_tokenizer(cfg: dict[str, Any], corpus: str | None = None, vocab_size: int | None = None) -> Tokenizer:
+    """From the `tokenizer` config group; `char` builds its vocabulary from the corpus text, `ids` takes the
+    vocabulary size of data that are token ids already."""
     kind = cfg["kind"]
+    if kind == "ids":
+        if vocab_size is None:
+            raise TokenizerError("tokenizer=ids is for data that are token ids already (data=mqar); for text use "
+                                 "tokenizer=char, byte or gpt2")
+        return IdTokenizer(vocab_size)
     if kind == "char":
         if corpus is None:
             raise TokenizerError("char tokenizer: a corpus is needed to build the vocabulary")
@@ -158,7 +208,7 @@ def build_tokenizer(cfg: dict[str, Any], corpus: str | None = None) -> Tokenizer
         return TiktokenTokenizer(cfg["encoding"], cfg.get("cache_dir"))
     if kind == "byte":
         return ByteTokenizer()
-    raise TokenizerError(f"unknown tokenizer kind {kind!r}; use 'char', 'tiktoken' or 'byte'")
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; use 'char', 'tiktoken', 'byte' or 'ids'")
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
@@ -168,4 +218,6 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
         return TiktokenTokenizer(state["encoding"])
     if state.get("kind") == "byte":
         return ByteTokenizer()
+    if state.get("kind") == "ids":
+        return IdTokenizer(state["vocab_size"])
     raise TokenizerError(f"checkpoint holds an unknown tokenizer state: {state!r}")

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from efficia.data.base import DataModule
 from efficia.data.shakespeare import FixedWindows
 from efficia.data.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_state
 from efficia.errors import DataError, TokenizerError
@@ -201,7 +201,7 @@ class PackedStream(IterableDataset):
             pos.update(epoch=pos["epoch"] + 1, hf=None, block=0, done=0)
 
 
-class WikipediaDataModule(L.LightningDataModule):
+class WikipediaDataModule(DataModule):
     def __init__(self, *, tokenizer: dict[str, Any], name: str, config: str | None, files: str | list[str] | None,
                  seq_len: int, batch_size: int, val_batch_size: int, val_bytes: int, shuffle_buffer: int, seed: int,
                  passes: int | None, num_workers: int, hub_timeout_s: float) -> None:

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efficia.models.blocks import (
-    Dropout,
     apply_rope,
     attend,
     check_heads,
@@ -115,9 +114,7 @@ class CausalSelfAttention(Mixer):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
         self.rope_theta, self.window, self.dropout = rope_theta, window, dropout
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
-        self.proj.is_residual_proj = True
-        self.resid_dropout = Dropout(dropout)
+        self.add_output(d_model, d_model, dropout, bias)
 
     def forward(self, x: Tensor, step: Step, state: KVState | None = None) -> Tensor:
         B, T, C = x.shape
@@ -137,7 +134,7 @@ class CausalSelfAttention(Mixer):
             y = attend(q, k, v, dropout)
         else:
             y = sliding_window_attention(q, k, v, self.window, dropout)  # looked up per call (tests patch it)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # [B, T, C]
+        return self.out(y)  # [B, H, T, D] -> [B, T, C]
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVState:
         args = (batch_size, self.n_kv_head, self.head_dim, device, dtype)

@@ -7,6 +7,7 @@ The model contract and the decoder skeleton live in `decoder.py`; attention mixe
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +22,49 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def check_heads(d_model: int, n_head: int, n_kv_head: int | None) -> int:
-    """Validate a head layout; returns the number of K/V heads (null n_kv_head = one per query head)."""
+def check_heads(d_model: int, n_head: int, n_kv_head: int | None = None) -> int:
+    """Validate a head layout (the one divisibility check every mixer uses); returns the number of K/V heads
+    (null n_kv_head = one per query head)."""
     n_kv_head = n_kv_head or n_head
     require(n_head >= 1 and d_model % n_head == 0,
             f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
     require(1 <= n_kv_head <= n_head and n_head % n_kv_head == 0,
             f"n_kv_head ({n_kv_head}) must divide n_head ({n_head}); set model.n_kv_head=null for MHA")
     return n_kv_head
+
+
+# The marks a module carries for code that walks a model, set and read only through these functions:
+#   residual   init_weights scales the std by 1/sqrt(2·n_layer) (it writes into the residual stream)
+#   keep_init  init_weights leaves it alone (the module has its own init convention)
+#   keep_float efficia.quantize leaves it in float (a model reads its weight as a matrix)
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def mark_residual(linear: ModuleT, residual: bool = True) -> ModuleT:
+    linear.efficia_residual = residual
+    return linear
+
+
+def mark_keep_init(module: ModuleT) -> ModuleT:
+    module.efficia_keep_init = True
+    return module
+
+
+def mark_keep_float(linear: ModuleT) -> ModuleT:
+    linear.efficia_keep_float = True
+    return linear
+
+
+def is_residual(module: nn.Module) -> bool:
+    return module.__dict__.get("efficia_residual", False)
+
+
+def keeps_init(module: nn.Module) -> bool:
+    return module.__dict__.get("efficia_keep_init", False)
+
+
+def keeps_float(module: nn.Module) -> bool:
+    return module.__dict__.get("efficia_keep_float", False)
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
@@ -94,8 +130,7 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = False) -> None:
         super().__init__()
         self.fc = nn.Linear(dim, hidden, bias=bias)
-        self.proj = nn.Linear(hidden, dim, bias=bias)
-        self.proj.is_residual_proj = True
+        self.proj = mark_residual(nn.Linear(hidden, dim, bias=bias))
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -111,8 +146,7 @@ class GatedFeedForward(nn.Module):
         self.act = {"silu": F.silu, "gelu": F.gelu}[activation]
         self.gate = nn.Linear(dim, hidden, bias=bias)
         self.up = nn.Linear(dim, hidden, bias=bias)
-        self.down = nn.Linear(hidden, dim, bias=bias)
-        self.down.is_residual_proj = True
+        self.down = mark_residual(nn.Linear(hidden, dim, bias=bias))
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -156,12 +190,16 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+SDPA_DROPOUT_ON_CPU = False  # efficia.plan sets it while it measures a GPU step on fake CPU tensors
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, scale: float | None = None) -> Tensor:
     """Causal SDPA for q[B,H,Tq,D] against k,v[B,Hkv,Tk,D] where the queries are the last Tq keys.
     Hkv may divide H (grouped-query attention: SDPA shares each K/V head among H/Hkv query heads)."""
     q_len, k_len = q.shape[-2], k.shape[-2]
-    if dropout > 0.0 and q.device.type == "cpu":  # SDPA's CPU kernels have no dropout: it would take its math
-        return attention_with_dropout(q, k, v, dropout, scale)  # path and the slow bernoulli_ mask
+    # SDPA's CPU kernels have no dropout: it would take its math path and the slow bernoulli_ mask
+    if dropout > 0.0 and q.device.type == "cpu" and not SDPA_DROPOUT_ON_CPU:
+        return attention_with_dropout(q, k, v, dropout, scale)
     gqa = k.shape[1] != q.shape[1]
     if q_len == k_len:
         return sdpa(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -223,15 +261,14 @@ class PreNormBlock(nn.Module):
 
 
 def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
-    """GPT-2 init: N(0, std) for linears and embeddings, residual output projections scaled by
-    1/sqrt(2·n_layer) so the residual stream's variance does not grow with depth. A module marks
-    its residual projections with `is_residual_proj = True`; a module with its own `reset_parameters`
-    convention sets `keep_init = True` on itself."""
+    """GPT-2 init: N(0, std) for linears and embeddings, residual output projections (`mark_residual`) scaled by
+    1/sqrt(2·n_layer) so the residual stream's variance does not grow with depth; modules with their own
+    convention (`mark_keep_init`) are left alone."""
     for module in model.modules():
-        if getattr(module, "keep_init", False):
+        if keeps_init(module):
             continue
         if isinstance(module, nn.Linear):
-            scale = 1 / math.sqrt(2 * n_layer) if getattr(module, "is_residual_proj", False) else 1.0
+            scale = 1 / math.sqrt(2 * n_layer) if is_residual(module) else 1.0
             nn.init.normal_(module.weight, mean=0.0, std=std * scale)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

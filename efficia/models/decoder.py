@@ -1,6 +1,7 @@
 """The model contract and the one decoder skeleton every architecture inherits.
 
     idx[B,T] -> tok_emb (+ pos_emb) -> dropout -> blocks(x, step, state_i) -> norm -> lm_head -> logits[B,T,V]
+    training and validation stop at norm: hidden[B,T,C] + head weight -> output.linear_cross_entropy (no logits)
 
 What varies between architectures is the *mixer* (the token-mixing half of a block: its projections,
 its kernel and its own decoding state). The skeleton owns everything else: embeddings, the length and
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from efficia.models.blocks import Dropout, init_weights, require, rope_tables
+from efficia.models.blocks import Dropout, PreNormBlock, init_weights, mark_residual, require, rope_tables
 
 
 @dataclass
@@ -50,7 +51,20 @@ class Cache:
 
 class Mixer(nn.Module):
     """The token-mixing half of a block. `forward(x[B,T,C], step, state)` with `state` None in training
-    (the whole sequence at once) or this layer's object from `new_state`, which the call updates in place."""
+    (the whole sequence at once) or this layer's object from `new_state`, which the call updates in place.
+
+    `add_output` and `out` are the output projection every mixer ends with, wired once: a residual-marked
+    `proj` (scaled init) and `resid_dropout`."""
+
+    def add_output(self, d_in: int, d_model: int, dropout: float, bias: bool = False) -> None:
+        self.proj = mark_residual(nn.Linear(d_in, d_model, bias=bias))
+        self.resid_dropout = Dropout(dropout)
+
+    def out(self, y: Tensor) -> Tensor:
+        """Per-head outputs y[B,H,T,D] (or features [B,T,d_in]) -> the residual branch [B,T,C]."""
+        if y.dim() == 4:
+            y = y.transpose(1, 2).flatten(2)  # [B, T, H·D]
+        return self.resid_dropout(self.proj(y))
 
     def forward(self, x: Tensor, step: Step, state: Any = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -81,6 +95,10 @@ class LanguageModel(nn.Module):
         """Bytes the decoding cache holds for one sequence after `seq_len` tokens."""
         raise NotImplementedError
 
+    def last_logits(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+        """Logits [B, V] of the last position (decoding); a model may skip the other positions' logits."""
+        return self(idx, cache)[:, -1]
+
     def structure(self) -> dict[str, int]:
         """Periodic sub-structures (window, segment, block, chunk) that tests and scales must cross."""
         return {}
@@ -107,34 +125,40 @@ class LanguageModel(nn.Module):
 
 
 class DecoderLM(LanguageModel):
-    """Embeddings, blocks, final norm, head. A subclass checks its own settings and passes a block
-    factory (`make_block(layer_index) -> PreNormBlock`-like module with a `.mixer`) and a norm factory.
+    """Embeddings, pre-norm blocks (`PreNormBlock(norm, mixer, norm, ffn)`), final norm, head. A subclass checks
+    its own settings and passes three factories: `mixer(layer_index)`, `ffn()` and `norm()`. Its registry name
+    (`@register`) names it in messages.
 
+    Class settings a subclass may change (gpt sets `learned_positions` from its config):
     `learned_positions`: add a learned position table (then the context is bounded by max_seq_len).
     `bounded_context`: the mixers cannot attend past max_seq_len (a full KV cache); otherwise any length
     runs, through training-free extrapolation (RoPE) or a constant-size state.
+    `tie_embeddings`: the head shares the token embedding matrix.
     """
 
-    def __init__(self, *, name: str, vocab_size: int, d_model: int, n_layer: int, max_seq_len: int,
-                 dropout: float, make_block: Callable[[int], nn.Module], make_norm: Callable[[], nn.Module],
-                 learned_positions: bool, tie_embeddings: bool, bounded_context: bool,
-                 gradient_checkpointing: bool) -> None:
+    learned_positions: bool = False
+    bounded_context: bool = True
+    tie_embeddings: bool = True
+
+    def __init__(self, vocab_size: int, d_model: int, n_layer: int, max_seq_len: int, dropout: float,
+                 gradient_checkpointing: bool, *, mixer: Callable[[int], nn.Module], ffn: Callable[[], nn.Module],
+                 norm: Callable[[], nn.Module]) -> None:
         super().__init__()
+        name = self.name = getattr(type(self), "registry_name", type(self).__name__.lower())
         require(d_model >= 1 and n_layer >= 1 and max_seq_len >= 1 and vocab_size >= 1,
                 f"model={name}: d_model, n_layer, max_seq_len and vocab_size must be >= 1 "
                 f"(got {d_model}, {n_layer}, {max_seq_len}, {vocab_size})")
         require(0.0 <= dropout < 1.0, f"model={name}: dropout must be in [0, 1), got {dropout}")
-        self.name = name
         self.d_model, self.n_layer, self.max_seq_len = d_model, n_layer, max_seq_len
-        self.max_context = max_seq_len if (bounded_context or learned_positions) else None
+        self.max_context = max_seq_len if (self.bounded_context or self.learned_positions) else None
         self.gradient_checkpointing = gradient_checkpointing
         self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(max_seq_len, d_model) if learned_positions else None
+        self.pos_emb = nn.Embedding(max_seq_len, d_model) if self.learned_positions else None
         self.drop = Dropout(dropout)
-        self.blocks = nn.ModuleList(make_block(i) for i in range(n_layer))
-        self.norm = make_norm()
+        self.blocks = nn.ModuleList(PreNormBlock(norm(), mixer(i), norm(), ffn()) for i in range(n_layer))
+        self.norm = norm()
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
+        if self.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         init_weights(self, n_layer)
 
@@ -155,7 +179,20 @@ class DecoderLM(LanguageModel):
             x = x + self.pos_emb(torch.arange(step.start, step.start + step.length, device=idx.device))
         return x
 
+    @property
+    def head_weight(self) -> Tensor:
+        """The output projection [V, C] (the token embedding when tied), for the fused loss."""
+        return self.lm_head.weight
+
     def forward(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+        return self.lm_head(self.hidden(idx, cache))
+
+    def last_logits(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+        """Logits [B, V] of the last position only: what decoding needs, without a [B, T, V] prefill."""
+        return self.lm_head(self.hidden(idx, cache)[:, -1])
+
+    def hidden(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
+        """The final hidden states [B, T, C] (after the final norm): the output layer's input."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if cache is not None and cache.batch_size != B:
@@ -170,4 +207,4 @@ class DecoderLM(LanguageModel):
             x = checkpoint(block, x, step, use_reentrant=False) if remat else block(x, step, state)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.norm(x))
+        return self.norm(x)

@@ -1,6 +1,7 @@
 """`efficia`: EFFICIA-1, a segment-recurrent block, causal by construction and linear in T.
 
-The sequence is cut into segments of `window` tokens (segment s = positions s·W .. s·W+W-1).
+The sequence is cut into segments of `segment` tokens (segment s = positions s·W .. s·W+W-1, W = segment);
+the LCP's sliding window is the segment length too.
 One mixer per block holds the four stages; the block adds a SwiGLU after it:
 
     x ─┬─ causal depthwise conv ─ q,k,v ─ LCP: sliding-window linear attention (elu+1) ── lcp ─┐
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efficia.models.attention import RingKVState
-from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, SwiGLU, require
+from efficia.models.blocks import RMSNorm, SwiGLU, check_heads, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.registry import register
 
@@ -89,17 +90,16 @@ class EfficiaState:
 class EfficiaMixer(Mixer):
     """LCP -> GMG -> CCU -> FF over one call's tokens (a whole sequence, or a cached continuation)."""
 
-    def __init__(self, d_model: int, n_head: int, window: int, mem_size: int, n_persistent: int,
+    def __init__(self, d_model: int, n_head: int, segment: int, mem_size: int, n_persistent: int,
                  compressed_dim: int, conv_size: int, dropout: float) -> None:
         super().__init__()
-        require(n_head >= 1 and d_model % n_head == 0,
-                f"model=efficia: d_model ({d_model}) must be divisible by n_head ({n_head})")
-        for key, value in (("window", window), ("mem_size", mem_size), ("n_persistent", n_persistent),
+        check_heads(d_model, n_head)
+        for key, value in (("segment", segment), ("mem_size", mem_size), ("n_persistent", n_persistent),
                            ("compressed_dim", compressed_dim), ("conv_size", conv_size)):
             require(value >= 1, f"model=efficia: {key} must be >= 1, got {value}; set model.{key}")
         C, Cc = d_model, compressed_dim
         self.d_model, self.n_head, self.head_dim = C, n_head, C // n_head
-        self.window, self.mem_size, self.conv_size = window, mem_size, conv_size
+        self.window, self.mem_size, self.conv_size = segment, mem_size, conv_size  # window: the LCP band = segment
         self.conv = nn.Parameter(torch.randn(C, 1, conv_size) / conv_size ** 0.5)  # depthwise, causal
         self.lcp_qkv = nn.Linear(C, 3 * C, bias=False)
         self.gmg_qg = nn.Linear(C, 2 * C, bias=False)  # GMG query and gate
@@ -111,9 +111,7 @@ class EfficiaMixer(Mixer):
         self.h0 = nn.Parameter(torch.zeros(Cc))  # learned initial CCU state (read by segment 0)
         self.ccu_out = nn.Linear(Cc, C, bias=False)
         self.fuse = nn.Linear(C, 3, bias=False)  # FF: per-position logits over (lcp, gmg, ccu)
-        self.proj = nn.Linear(C, C, bias=False)
-        self.proj.is_residual_proj = True
-        self.dropout = Dropout(dropout)
+        self.add_output(C, C, dropout)
 
     def forward(self, x: Tensor, step: Step, state: EfficiaState | None = None) -> Tensor:
         B, T, C = x.shape
@@ -126,7 +124,7 @@ class EfficiaMixer(Mixer):
         # FF: softmax over the three streams at every position
         w = torch.softmax(self.fuse(x), dim=-1)  # [B, T, 3]
         fused = w[..., :1] * lcp + w[..., 1:2] * gmg + w[..., 2:] * ccu
-        return self.dropout(self.proj(fused))
+        return self.out(fused)
 
     def recurrent(self, summaries: Tensor, offset: int, T: int, state: EfficiaState | None) -> Tensor:
         """CCU: one GRUCell step per completed segment (a loop over segments, never over tokens);
@@ -171,19 +169,20 @@ class EfficiaMixer(Mixer):
         n = -(-(offset + T) // W)  # segments this call touches
         n_new = (offset + T) // W  # ... of which completed
         pad = (offset, n * W - offset - T)
-        xf = x.float()
-        score = F.pad(xf @ self.pool.float(), pad, value=float("-inf")).view(B, n, W)  # [B, n, W]
+        acc = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (a float64 model stays float64)
+        xf = x.to(acc)
+        score = F.pad(xf @ self.pool.to(acc), pad, value=float("-inf")).view(B, n, W)  # [B, n, W]
         xs = F.pad(xf, (0, 0, *pad)).view(B, n, W, C)  # [B, n, W, C]
         top = score.amax(dim=-1)  # [B, n], finite: every segment holds a token of this call
         if state is not None:  # fold the cached part of the first segment in
-            top = torch.cat((torch.maximum(top[:, :1], state.pool_max.float()[:, None]), top[:, 1:]), dim=1)
+            top = torch.cat((torch.maximum(top[:, :1], state.pool_max.to(acc)[:, None]), top[:, 1:]), dim=1)
         weight = torch.exp(score - top[..., None])  # [B, n, W]
         total = torch.einsum("bnw,bnwc->bnc", weight, xs)  # [B, n, C]
         norm = weight.sum(dim=-1)  # [B, n]
         if state is not None:
-            carry = torch.exp(state.pool_max.float() - top[:, 0])  # [B]
-            first_total = total[:, :1] + (carry[:, None] * state.pool_sum.float())[:, None]
-            first_norm = norm[:, :1] + (carry * state.pool_norm.float())[:, None]
+            carry = torch.exp(state.pool_max.to(acc) - top[:, 0])  # [B]
+            first_total = total[:, :1] + (carry[:, None] * state.pool_sum.to(acc))[:, None]
+            first_norm = norm[:, :1] + (carry * state.pool_norm.to(acc))[:, None]
             total, norm = torch.cat((first_total, total[:, 1:]), 1), torch.cat((first_norm, norm[:, 1:]), 1)
             dtype = state.pool_sum.dtype
             if n > n_new:  # a partial segment remains
@@ -248,20 +247,17 @@ class Efficia(DecoderLM):
     """Pre-norm blocks of (EfficiaMixer, SwiGLU), RMSNorm, tied embeddings, no position table: the
     context is unbounded (the state is constant in T), so decoding may run past max_seq_len."""
 
+    bounded_context = False
+
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, max_seq_len: int,
-                 dropout: float, window: int, mem_size: int, n_persistent: int, compressed_dim: int,
+                 dropout: float, segment: int, mem_size: int, n_persistent: int, compressed_dim: int,
                  conv_size: int, ffn_hidden: int, norm_eps: float, gradient_checkpointing: bool) -> None:
-        self.window = window
-
-        def make_block(_: int) -> PreNormBlock:
-            mixer = EfficiaMixer(d_model, n_head, window, mem_size, n_persistent, compressed_dim, conv_size, dropout)
-            return PreNormBlock(RMSNorm(d_model, eps=norm_eps), mixer, RMSNorm(d_model, eps=norm_eps),
-                                SwiGLU(d_model, ffn_hidden, dropout=dropout))
-
-        super().__init__(name="efficia", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
-                         max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,
-                         make_norm=lambda: RMSNorm(d_model, eps=norm_eps), learned_positions=False,
-                         tie_embeddings=True, bounded_context=False, gradient_checkpointing=gradient_checkpointing)
+        self.segment = segment
+        super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         mixer=lambda _: EfficiaMixer(d_model, n_head, segment, mem_size, n_persistent, compressed_dim,
+                                                      conv_size, dropout),
+                         ffn=lambda: SwiGLU(d_model, ffn_hidden, dropout=dropout),
+                         norm=lambda: RMSNorm(d_model, eps=norm_eps))
 
     def structure(self) -> dict[str, int]:
-        return {"segment": self.window}
+        return {"segment": self.segment}

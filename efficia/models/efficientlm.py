@@ -13,9 +13,13 @@ are merged into one slot with hypernetwork weights
 Training uses the stride-aware causal mask: query i sees the slots of the chunks that ended at or before i
 plus its own partial chunk, the running weighted sum up to i. So the keys are the T running sums (in-chunk
 cumulative sums, no loop over tokens) and key j is visible to query i iff j <= i and (j ends a chunk or
-j == i). Every row sees at least its own column. Decoding keeps ceil(T/s) slots of (kv_lora_rank +
-qk_rope_head_dim) numbers per layer: a token that starts a chunk appends a slot, any other token adds
+j == i). Every row sees at least its own column. Decoding keeps ceil(T/s) slots of (kv_rank + rope_dim)
+numbers per layer: a token that starts a chunk appends a slot, any other token adds
 into the last one (its RoPE key replaces the slot's, as the chunk-end column's key in training).
+
+Deviations from the authors' code (docs/mtla.md): the latent norm is RMSNorm by default where they use LayerNorm
+with a bias (`latent_norm: layernorm` trains theirs), and `ChunkMerge` names its two projections the other way
+round from their HyperNetwork.
 
 With down_rate 1 every chunk is one token: nothing is merged (no hypernetwork) and this is exactly
 MLA-style latent attention.
@@ -24,21 +28,18 @@ MLA-style latent attention.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.errors import ConfigError
 from efficia.models.blocks import (
-    Dropout,
-    PreNormBlock,
     RMSNorm,
     SwiGLU,
     attend_with_own_term,
     init_weights,
+    mark_keep_float,
     require,
 )
 from efficia.models.decoder import DecoderLM, Mixer, Step
@@ -56,7 +57,12 @@ def sinusoid(positions: Tensor, dim: int) -> Tensor:
 
 class ChunkMerge(nn.Module):
     """The hypernetwork of MTLA: a merge weight per latent from its content and its chunk's index, and the
-    running weighted sums inside each chunk. Low rank kv_lora_rank/4 as in the paper's code."""
+    running weighted sums inside each chunk. Low rank kv_rank/4 as in the paper's code.
+
+    Naming deviation (docs/mtla.md): here `fc_c` projects the latent Content and `fc_p` the chunk's Position
+    code; the authors' HyperNetwork names them the other way round (their fc_c takes the chunk code C, their
+    fc_p the latent P). The computation is the same; the names stay (renaming would load old checkpoints with
+    the two roles silently swapped)."""
 
     def __init__(self, rank: int, down_rate: int) -> None:
         super().__init__()
@@ -170,7 +176,7 @@ class Adapter(nn.Module):
         self.w2 = nn.Linear(d_ext, bottleneck, bias=False)
         self.up = nn.Linear(bottleneck, d_model, bias=False)
         self.skip = nn.Linear(d_ext, d_model, bias=False)
-        self.skip.keep_float = True  # its weight's dtype sets the external table's (efficia.quantize)
+        mark_keep_float(self.skip)  # its weight's dtype sets the external table's (efficia.quantize)
 
     def zero_up(self) -> None:
         nn.init.zeros_(self.up.weight)
@@ -179,54 +185,22 @@ class Adapter(nn.Module):
         return self.up(F.silu(self.w1(x)) * self.w2(x)) + self.skip(x)
 
 
-def load_external_table(source: str, key: str | None, vocab_size: int) -> Tensor:
-    """A frozen per-token table [vocab, d_ext]: the token embeddings of another efficia checkpoint (.ckpt) or a
-    matrix in a .safetensors file (`key` names it when the file holds several). Rows are token ids."""
-    path = Path(source).expanduser()
-    hint = "set model.external.source to an efficia .ckpt or a .safetensors matrix, or null for no adapter"
-    if not path.is_file():
-        raise ConfigError(f"efficientlm: external embedding source {path} does not exist; {hint}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        if key is None and len(tensors) != 1:
-            raise ConfigError(f"efficientlm: {path} holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); "
-                              "name one with model.external.key")
-        table = tensors[key] if key is not None else next(iter(tensors.values()))
-    else:
-        from efficia.checkpoint import read_checkpoint
-
-        weights = read_checkpoint(path)["state_dict"]
-        name = key or "net.tok_emb.weight"
-        if name not in weights:
-            raise ConfigError(f"efficientlm: checkpoint {path} has no tensor {name!r}; name one with "
-                              "model.external.key")
-        table = weights[name]
-    if table.dim() != 2 or table.shape[0] != vocab_size:
-        raise ConfigError(f"efficientlm: external table in {path} has shape {tuple(table.shape)}, expected "
-                          f"[{vocab_size}, d] (one row per token id of this tokenizer); use a table made with "
-                          "the same tokenizer")
-    return table.detach().float()
-
-
 class TemporalLatentAttention(Mixer):
     """MTLA as a mixer: latent query/KV/heads from `latent.py`, the chunk merge and stride-aware mask from
     here. Training attends with per-head K/V expanded (SDPA); decoding with the weights absorbed, straight
     over the slots."""
 
-    def __init__(self, d_model: int, n_head: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
-                 v_head_dim: int, down_rate: int, rope_theta: float, dropout: float, norm_eps: float) -> None:
+    def __init__(self, d_model: int, n_head: int, kv_rank: int, qk_nope_head_dim: int, rope_dim: int,
+                 v_head_dim: int, down_rate: int, rope_theta: float, dropout: float, norm_eps: float,
+                 latent_norm: str = "rmsnorm") -> None:
         super().__init__()
-        self.rank, self.rope_dim, self.down_rate = kv_lora_rank, qk_rope_head_dim, down_rate
+        self.rank, self.rope_dim, self.down_rate = kv_rank, rope_dim, down_rate
         self.rope_theta, self.dropout = rope_theta, dropout
-        self.query = LatentQuery(d_model, n_head, qk_nope_head_dim, qk_rope_head_dim, None, norm_eps=norm_eps)
-        self.kv = LatentKV(d_model, kv_lora_rank, qk_rope_head_dim, norm_eps=norm_eps)
-        self.heads = LatentHeads(n_head, kv_lora_rank, qk_nope_head_dim, v_head_dim)
-        self.merge = ChunkMerge(kv_lora_rank, down_rate) if down_rate > 1 else None  # s=1: nothing to merge
-        self.proj = nn.Linear(n_head * v_head_dim, d_model, bias=False)
-        self.proj.is_residual_proj = True
-        self.resid_dropout = Dropout(dropout)
+        self.query = LatentQuery(d_model, n_head, qk_nope_head_dim, rope_dim, None, norm_eps=norm_eps)
+        self.kv = LatentKV(d_model, kv_rank, rope_dim, norm_eps=norm_eps, norm=latent_norm)
+        self.heads = LatentHeads(n_head, kv_rank, qk_nope_head_dim, v_head_dim)
+        self.merge = ChunkMerge(kv_rank, down_rate) if down_rate > 1 else None  # s=1: nothing to merge
+        self.add_output(n_head * v_head_dim, d_model, dropout)
 
     def forward(self, x: Tensor, step: Step, state: SlotState | None = None) -> Tensor:
         B, T, _ = x.shape
@@ -251,7 +225,7 @@ class TemporalLatentAttention(Mixer):
             c = torch.cat((prev_c.to(c.dtype), c), dim=1)  # [B, n_prev + T, r]
             k_r = torch.cat((prev_r.to(k_r.dtype), k_r), dim=1)  # [B, n_prev + T, d_R]
             y = self.heads.attend(q_c, q_r, c, k_r, absorbed=True, mask=mask, dropout=dropout)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))  # [B, T, H·Dv] -> [B, T, C]
+        return self.out(y)  # [B, H, T, Dv] -> [B, T, C]
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SlotState:
         return SlotState(batch_size, self.rank, self.rope_dim, self.down_rate, device, dtype)
@@ -262,35 +236,40 @@ class TemporalLatentAttention(Mixer):
 
 @register("efficientlm")
 class EfficientLM(DecoderLM):
-    """Pre-norm MTLA blocks with SwiGLU (hidden 8/3·d), RMSNorm, learned absolute positions (in training and
-    decoding alike), tied head, and the optional external-embedding adapter (`external.source`)."""
+    """Pre-norm MTLA blocks with SwiGLU (`ffn_hidden`, 8/3·d in the yaml), RMSNorm, learned absolute positions
+    (in training and decoding alike), tied head, and the optional external-embedding adapter (`external.source`).
+
+    `external_table` [vocab, d_ext]: the frozen table itself, a tensor the caller gives (the model reads no files:
+    `efficia.checkpoint.build_net` reads it from `external.source`, or takes its shape from the weights being
+    loaded, so a checkpoint or export that holds the table never needs the source file again)."""
+
+    inputs = ("external_table",)  # constructor tensors that are not config keys (see registry.build_model)
+    learned_positions = True
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, max_seq_len: int,
-                 dropout: float, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
-                 down_rate: int, rope_theta: float, norm_eps: float, external: dict[str, Any],
-                 gradient_checkpointing: bool) -> None:
+                 dropout: float, kv_rank: int, qk_nope_head_dim: int, rope_dim: int, v_head_dim: int,
+                 down_rate: int, ffn_hidden: int, rope_theta: float, norm_eps: float, latent_norm: str,
+                 external: dict[str, Any], gradient_checkpointing: bool, external_table: Tensor | None = None) -> None:
         require(down_rate >= 1, f"efficientlm: down_rate must be >= 1, got {down_rate}; set model.down_rate")
-        require(qk_rope_head_dim >= 2 and qk_rope_head_dim % 2 == 0,
-                f"efficientlm: qk_rope_head_dim must be even and >= 2 (the decoupled RoPE key), got "
-                f"{qk_rope_head_dim}")
-        require(min(kv_lora_rank, qk_nope_head_dim, v_head_dim, n_head) >= 1,
-                "efficientlm: kv_lora_rank, qk_nope_head_dim, v_head_dim and n_head must be >= 1")
+        require(rope_dim >= 2 and rope_dim % 2 == 0,
+                f"efficientlm: rope_dim must be even and >= 2 (the decoupled RoPE key), got {rope_dim}")
+        require(min(kv_rank, qk_nope_head_dim, v_head_dim, n_head) >= 1,
+                "efficientlm: kv_rank, qk_nope_head_dim, v_head_dim and n_head must be >= 1")
+        require((external["source"] is None) == (external_table is None),
+                "efficientlm: model.external.source and the external_table given must agree (build the model with "
+                "efficia.checkpoint.build_net, which reads the table)")
+        require(external_table is None or (external_table.dim() == 2 and external_table.shape[0] == vocab_size),
+                f"efficientlm: the external table must be [vocab_size={vocab_size}, d], got "
+                f"{None if external_table is None else tuple(external_table.shape)}")
         self.down_rate = down_rate
-        table = None
-        if external["source"] is not None:
-            table = load_external_table(str(external["source"]), external["key"], vocab_size)
-        hidden = 8 * d_model // 3
+        table = None if external_table is None else external_table.detach().float()
 
-        def make_block(_: int) -> PreNormBlock:
-            mixer = TemporalLatentAttention(d_model, n_head, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
-                                            v_head_dim, down_rate, rope_theta, dropout, norm_eps)
-            return PreNormBlock(RMSNorm(d_model, eps=norm_eps), mixer, RMSNorm(d_model, eps=norm_eps),
-                                SwiGLU(d_model, hidden, dropout=dropout))
-
-        super().__init__(name="efficientlm", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
-                         max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,
-                         make_norm=lambda: RMSNorm(d_model, eps=norm_eps), learned_positions=True,
-                         tie_embeddings=True, bounded_context=True, gradient_checkpointing=gradient_checkpointing)
+        super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         mixer=lambda _: TemporalLatentAttention(d_model, n_head, kv_rank, qk_nope_head_dim, rope_dim,
+                                                                 v_head_dim, down_rate, rope_theta, dropout, norm_eps,
+                                                                 latent_norm),
+                         ffn=lambda: SwiGLU(d_model, ffn_hidden, dropout=dropout),
+                         norm=lambda: RMSNorm(d_model, eps=norm_eps))
         self.adapter = None
         if table is not None:
             # frozen and saved with the weights: generation uses the very table training used

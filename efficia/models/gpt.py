@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from efficia.models.attention import CausalSelfAttention
-from efficia.models.blocks import MLP, PreNormBlock, require
+from efficia.models.blocks import MLP, require
 from efficia.models.decoder import DecoderLM
 from efficia.models.registry import register
 
@@ -17,17 +17,12 @@ from efficia.models.registry import register
 @register("gpt")
 class GPT(DecoderLM):
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
-                 max_seq_len: int, dropout: float, bias: bool, pos_emb: str, rope_theta: float,
+                 max_seq_len: int, dropout: float, ffn_hidden: int, bias: bool, pos_emb: str, rope_theta: float,
                  gradient_checkpointing: bool) -> None:
         require(pos_emb in ("learned", "rope"), f"gpt: pos_emb must be 'learned' or 'rope', got {pos_emb!r}")
+        self.learned_positions = pos_emb == "learned"
         rotary = rope_theta if pos_emb == "rope" else None
-
-        def make_block(_: int) -> PreNormBlock:
-            return PreNormBlock(nn.LayerNorm(d_model, bias=bias),
-                                CausalSelfAttention(d_model, n_head, n_kv_head, dropout, bias, rope_theta=rotary),
-                                nn.LayerNorm(d_model, bias=bias), MLP(d_model, 4 * d_model, dropout, bias))
-
-        super().__init__(name="gpt", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
-                         max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,
-                         make_norm=lambda: nn.LayerNorm(d_model, bias=bias), learned_positions=pos_emb == "learned",
-                         tie_embeddings=True, bounded_context=True, gradient_checkpointing=gradient_checkpointing)
+        super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         mixer=lambda _: CausalSelfAttention(d_model, n_head, n_kv_head, dropout, bias, rotary),
+                         ffn=lambda: MLP(d_model, ffn_hidden, dropout, bias),
+                         norm=lambda: nn.LayerNorm(d_model, bias=bias))

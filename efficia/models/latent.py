@@ -40,7 +40,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from efficia.models.blocks import RMSNorm, apply_rope, attend, causal_mask, require, sdpa
+from efficia.models.blocks import RMSNorm, apply_rope, attend, causal_mask, mark_keep_float, require, sdpa
 
 Rope = tuple[Tensor, Tensor] | None
 
@@ -73,16 +73,19 @@ class LatentQuery(nn.Module):
 
 
 class LatentKV(nn.Module):
-    """x -> (c_kv = RMSNorm(x W_dkv) [B,T,d_c], k_R = x W_kr [B,T,d_R], rotated if `rope` is given).
-    W_dkv and W_kr are one fused linear. These two are all a latent cache ever needs to hold."""
+    """x -> (c_kv = norm(x W_dkv) [B,T,d_c], k_R = x W_kr [B,T,d_R], rotated if `rope` is given).
+    W_dkv and W_kr are one fused linear. These two are all a latent cache ever needs to hold.
+    `norm`: "rmsnorm" (DeepSeek-V2's, ours by default) or "layernorm" (with bias, as the MTLA authors' code)."""
 
-    def __init__(self, d_model: int, d_c: int, d_rope: int, bias: bool = False, norm_eps: float = 1e-6) -> None:
+    def __init__(self, d_model: int, d_c: int, d_rope: int, bias: bool = False, norm_eps: float = 1e-6,
+                 norm: str = "rmsnorm") -> None:
         super().__init__()
         require(d_c >= 1, f"KV latent rank must be >= 1, got {d_c}")
         require(d_rope >= 0 and d_rope % 2 == 0, f"decoupled RoPE width must be even and >= 0, got {d_rope}")
+        require(norm in ("rmsnorm", "layernorm"), f"latent_norm must be 'rmsnorm' or 'layernorm', got {norm!r}")
         self.d_c, self.d_rope = d_c, d_rope
         self.down = nn.Linear(d_model, d_c + d_rope, bias=bias)
-        self.norm = RMSNorm(d_c, eps=norm_eps)
+        self.norm = RMSNorm(d_c, eps=norm_eps) if norm == "rmsnorm" else nn.LayerNorm(d_c, eps=norm_eps)
 
     def forward(self, x: Tensor, rope: Rope = None) -> tuple[Tensor, Tensor | None]:
         c_kv, k_r = self.down(x).split((self.d_c, self.d_rope), dim=-1)  # [B, T, d_c], [B, T, d_R]
@@ -105,7 +108,7 @@ class LatentHeads(nn.Module):
         self.v_head_dim = v_head_dim or head_dim
         self.uk = nn.Linear(d_c, n_head * head_dim, bias=False)  # W_uk
         self.uv = nn.Linear(d_c, n_head * self.v_head_dim, bias=False)  # W_uv
-        self.uk.keep_float = self.uv.keep_float = True  # absorbed decoding reads them as matrices (efficia.quantize)
+        mark_keep_float(self.uk), mark_keep_float(self.uv)  # absorbed decoding reads them as matrices (quantize)
 
     # --- path 1: expanded per-head K/V, multi-head SDPA ----------------------------------------------
 

@@ -28,7 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, attend_sink, check_heads, require, with_sink
+from efficia.models.blocks import (
+    Dropout,
+    RMSNorm,
+    attend_sink,
+    check_heads,
+    mark_keep_init,
+    mark_residual,
+    require,
+    with_sink,
+)
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.registry import register
 
@@ -36,17 +45,15 @@ from efficia.models.registry import register
 class LowRankLinear(nn.Module):
     """x -> up(down(x)): a rank-`rank` factorisation of an in×out matrix ((in + out)·rank parameters).
 
-    `down` starts at N(0, 1/rank) and keeps it (`keep_init`), `up` gets the model's init, so the
+    `down` starts at N(0, 1/rank) and keeps it (`mark_keep_init`), `up` gets the model's init, so the
     product starts with the same per-entry std as a plain linear layer."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
                  residual: bool = False) -> None:
         super().__init__()
         require(rank >= 1, f"LowRankLinear: rank must be >= 1, got {rank}")
-        self.down = nn.Linear(in_features, rank, bias=False)
-        self.up = nn.Linear(rank, out_features, bias=bias)
-        self.down.keep_init = True
-        self.up.is_residual_proj = residual
+        self.down = mark_keep_init(nn.Linear(in_features, rank, bias=False))
+        self.up = mark_residual(nn.Linear(rank, out_features, bias=bias), residual)
         nn.init.normal_(self.down.weight, std=1 / math.sqrt(rank))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -165,9 +172,7 @@ class BlockLinformerAttention(Mixer):
         self.kv = nn.Linear(d_model, 2 * n_kv_head * self.head_dim, bias=bias)
         self.e = nn.Parameter(pooling_projection(k_per_block, block))  # keys:   block -> k_per_block
         self.f = nn.Parameter(pooling_projection(k_per_block, block))  # values: block -> k_per_block
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
-        self.proj.is_residual_proj = True
-        self.resid_dropout = Dropout(dropout)
+        self.add_output(d_model, d_model, dropout, bias)
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, T, D] through the low-rank projection; k, v [B, Hkv, T, D]."""
@@ -176,11 +181,6 @@ class BlockLinformerAttention(Mixer):
         q = self.q(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
         k, v = self.kv(x).view(B, T, 2, Hkv, D).permute(2, 0, 3, 1, 4)  # 2 x [B, Hkv, T, D]
         return q, k, v
-
-    def out(self, y: Tensor) -> Tensor:
-        """y [B, H, T, D] -> the residual branch [B, T, C]."""
-        B, H, T, D = y.shape
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, H * D)))  # [B, T, C]
 
     def forward(self, x: Tensor, step: Step, state: BlockLinformerState | None = None) -> Tensor:
         q, k, v = self.qkv(x)
@@ -218,23 +218,20 @@ class BlockLinformerAttention(Mixer):
 
 @register("lumenspark")
 class Lumenspark(DecoderLM):
-    """`rank` is the query projection's rank; the feed-forward is d -> ffn_hidden -> d through two
+    """`q_rank` is the query projection's rank; the feed-forward is d -> ffn_hidden -> d through two
     LowRankLinear of rank `ffn_rank`. `n_kv_head` 1 is the seed's single shared K/V head."""
 
+    learned_positions, tie_embeddings = True, False
+
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
-                 max_seq_len: int, dropout: float, block: int, k_per_block: int, rank: int, ffn_hidden: int,
+                 max_seq_len: int, dropout: float, block: int, k_per_block: int, q_rank: int, ffn_hidden: int,
                  ffn_rank: int, norm_eps: float, bias: bool, gradient_checkpointing: bool) -> None:
         self.block, self.k_per_block = block, k_per_block
-
-        def make_block(_: int) -> PreNormBlock:
-            attention = BlockLinformerAttention(d_model, n_head, n_kv_head, block, k_per_block, rank, dropout, bias)
-            return PreNormBlock(RMSNorm(d_model, eps=norm_eps), attention, RMSNorm(d_model, eps=norm_eps),
-                                LowRankFeedForward(d_model, ffn_hidden, ffn_rank, dropout))
-
-        super().__init__(name="lumenspark", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
-                         max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,
-                         make_norm=lambda: RMSNorm(d_model, eps=norm_eps), learned_positions=True,
-                         tie_embeddings=False, bounded_context=True, gradient_checkpointing=gradient_checkpointing)
+        super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         mixer=lambda _: BlockLinformerAttention(d_model, n_head, n_kv_head, block, k_per_block, q_rank,
+                                                                 dropout, bias),
+                         ffn=lambda: LowRankFeedForward(d_model, ffn_hidden, ffn_rank, dropout),
+                         norm=lambda: RMSNorm(d_model, eps=norm_eps))
 
     def structure(self) -> dict[str, int]:
         return {"block": self.block}

@@ -1,7 +1,7 @@
 """`optimus`: Optimus Prime, a pre-norm SwiGLU decoder with DeepSeek-V2 multi-head latent attention.
 
 MLA (`attention: mla`): queries through a low-rank latent c_q = RMSNorm(x W_dq); keys and values through
-c_kv = RMSNorm(x W_dkv) of rank d_c = compression_ratio·d_model, up-projected per head; a decoupled RoPE
+c_kv = RMSNorm(x W_dkv) of rank d_c = `kv_rank` (d_q = `q_rank`), up-projected per head; a decoupled RoPE
 part (per-head q_R, one k_R of width d_R shared by every head, rotated at absolute positions); scores
 scaled by 1/sqrt(d_h + d_R). Training runs the expanded path (per-head K/V, causal multi-head SDPA);
 decoding keeps ONLY c_kv and k_R per position ((d_c + d_R) numbers per layer, 0.27 of MHA's 2·d at the
@@ -16,10 +16,10 @@ compare by config. The shared pieces live in `latent.py` (MLA and MTLA) and `att
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from efficia.models.attention import CausalSelfAttention
-from efficia.models.blocks import Dropout, PreNormBlock, RMSNorm, SwiGLU, require
+from efficia.models.blocks import RMSNorm, SwiGLU, check_heads, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
 from efficia.models.registry import register
@@ -29,11 +29,10 @@ class MultiHeadLatentAttention(Mixer):
     """MLA as a mixer. `decode`: which path attends over the latent cache ("absorbed", or "expanded" to
     compare against); the cache itself is the same (c_kv, k_R) either way."""
 
-    def __init__(self, d_model: int, n_head: int, d_c: int, d_q: int, d_rope: int, rope_theta: float,
+    def __init__(self, d_model: int, n_head: int, d_c: int, d_q: int | None, d_rope: int, rope_theta: float,
                  dropout: float, decode: str, norm_eps: float) -> None:
         super().__init__()
-        require(n_head >= 1 and d_model % n_head == 0,
-                f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
+        check_heads(d_model, n_head)
         require(decode in ("absorbed", "expanded"), f"optimus: decode must be 'absorbed' or 'expanded', got {decode!r}")
         self.head_dim = d_model // n_head
         self.d_c, self.d_rope, self.rope_theta = d_c, d_rope, rope_theta
@@ -41,9 +40,7 @@ class MultiHeadLatentAttention(Mixer):
         self.query = LatentQuery(d_model, n_head, self.head_dim, d_rope, d_q, norm_eps=norm_eps)
         self.kv = LatentKV(d_model, d_c, d_rope, norm_eps=norm_eps)
         self.heads = LatentHeads(n_head, d_c, self.head_dim)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.proj.is_residual_proj = True
-        self.resid_dropout = Dropout(dropout)
+        self.add_output(d_model, d_model, dropout)
 
     def forward(self, x: Tensor, step: Step, state: LatentState | None = None) -> Tensor:
         B, T, C = x.shape
@@ -56,7 +53,7 @@ class MultiHeadLatentAttention(Mixer):
             absorbed = self.absorbed_decoding
         dropout = self.dropout if self.training else 0.0
         y = self.heads.attend(q_c, q_r, c_kv, k_r, absorbed=absorbed, is_causal=True, dropout=dropout)  # [B,H,T,D]
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # [B, T, C]
+        return self.out(y)  # [B, H, T, D] -> [B, T, C]
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LatentState:
         return LatentState(batch_size, self.d_c, self.d_rope, device, dtype)
@@ -67,33 +64,35 @@ class MultiHeadLatentAttention(Mixer):
 
 @register("optimus")
 class Optimus(DecoderLM):
-    """`compression_ratio` sets both latent ranks (d_c = d_q = ratio·d_model, as in the seed); `rope_dim`
-    the decoupled RoPE width (null: head_dim/2, DeepSeek-V2's choice); `n_kv_head` is read by
-    `attention: gqa` only."""
+    """`kv_rank` and `q_rank` are the latent widths d_c and d_q (q_rank null: full-rank queries); `rope_dim` the
+    decoupled RoPE width d_R. These and `decode` are read by `attention: mla` only, `n_kv_head` by `attention: gqa`
+    only: the yaml makes the other setting's keys null (`${efficia.when:...}`), and a set key the chosen
+    attention would ignore is refused."""
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
-                 max_seq_len: int, dropout: float, attention: str, compression_ratio: float, rope_dim: int | None,
-                 rope_theta: float, decode: str, ffn_hidden: int, norm_eps: float,
+                 max_seq_len: int, dropout: float, attention: str, kv_rank: int | None, q_rank: int | None,
+                 rope_dim: int | None, rope_theta: float, decode: str | None, ffn_hidden: int, norm_eps: float,
                  gradient_checkpointing: bool) -> None:
         require(attention in ("mla", "gqa"), f"optimus: attention must be 'mla' or 'gqa', got {attention!r}")
-        require(n_head >= 1 and d_model % n_head == 0,
-                f"d_model ({d_model}) must be divisible by n_head ({n_head}); change model.n_head or model.d_model")
-        d_latent = round(compression_ratio * d_model)
-        require(0 < compression_ratio and d_latent >= 1,
-                f"optimus: compression_ratio·d_model must give a latent rank >= 1, got {compression_ratio}·{d_model}")
-        d_rope = (d_model // n_head) // 2 if rope_dim is None else rope_dim
-        require(d_rope >= 2 and d_rope % 2 == 0, f"optimus: rope_dim must be even and >= 2, got {d_rope}")
+        if attention == "mla":
+            require(n_kv_head is None, f"optimus: n_kv_head={n_kv_head} is read by attention=gqa only (MLA shares one "
+                                       "latent across heads); set model.n_kv_head=null or model.attention=gqa")
+            require(kv_rank is not None and kv_rank >= 1, f"optimus: kv_rank must be >= 1, got {kv_rank}")
+            require(q_rank is None or q_rank >= 1, f"optimus: q_rank must be >= 1 or null, got {q_rank}")
+            require(rope_dim is not None and rope_dim >= 2 and rope_dim % 2 == 0,
+                    f"optimus: rope_dim must be even and >= 2, got {rope_dim}")
+        else:
+            ignored = [k for k, v in (("kv_rank", kv_rank), ("q_rank", q_rank), ("rope_dim", rope_dim),
+                                      ("decode", decode)) if v is not None]
+            require(not ignored, f"optimus: {', '.join(ignored)} are read by attention=mla only; set "
+                                 f"{' '.join(f'model.{k}=null' for k in ignored)} or model.attention=mla")
 
-        def make_block(_: int) -> PreNormBlock:
-            if attention == "mla":
-                mixer = MultiHeadLatentAttention(d_model, n_head, d_latent, d_latent, d_rope, rope_theta, dropout,
-                                                 decode, norm_eps)
-            else:
-                mixer = CausalSelfAttention(d_model, n_head, n_kv_head, dropout, rope_theta=rope_theta)
-            return PreNormBlock(RMSNorm(d_model, eps=norm_eps), mixer, RMSNorm(d_model, eps=norm_eps),
-                                SwiGLU(d_model, ffn_hidden, dropout=dropout))
+        def mixer(_: int) -> Mixer:
+            if attention == "gqa":
+                return CausalSelfAttention(d_model, n_head, n_kv_head, dropout, rope_theta=rope_theta)
+            return MultiHeadLatentAttention(d_model, n_head, kv_rank, q_rank, rope_dim, rope_theta, dropout, decode,
+                                            norm_eps)
 
-        super().__init__(name="optimus", vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
-                         max_seq_len=max_seq_len, dropout=dropout, make_block=make_block,
-                         make_norm=lambda: RMSNorm(d_model, eps=norm_eps), learned_positions=False,
-                         tie_embeddings=True, bounded_context=True, gradient_checkpointing=gradient_checkpointing)
+        super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing, mixer=mixer,
+                         ffn=lambda: SwiGLU(d_model, ffn_hidden, dropout=dropout),
+                         norm=lambda: RMSNorm(d_model, eps=norm_eps))

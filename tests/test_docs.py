@@ -1,0 +1,44 @@
+"""The README is a guide that stays true: its layout names every module, it links every document, and
+every document the code or the yamls cite exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def layout_block() -> str:
+    section = README.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    return section.split("```", 2)[1]
+
+
+def test_layout_lists_every_module() -> None:
+    layout = layout_block()
+    sources = [p for folder in ("efficia", "bench", "tests") for p in (ROOT / folder).rglob("*.py")
+               if p.name != "__init__.py" or p.parent.name == "efficia"]
+    # a name shared by several files (attention.py, quantize.py) must appear once per file
+    missing = [str(p.relative_to(ROOT)) for p in sources
+               if len(re.findall(rf"(?<![\w.-]){re.escape(p.name)}\b", layout))
+               < sum(q.name == p.name for q in sources)]
+    assert not missing, f"README's Layout does not name {missing}: add a line for each"
+
+
+def test_readme_links_every_document() -> None:
+    linked = set(re.findall(r"\]\((docs/[^)#]+)\)", README))
+    docs = {str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")}
+    assert docs <= linked, f"README's Further reading does not link {sorted(docs - linked)}"
+
+
+def test_cited_documents_exist() -> None:
+    cited: dict[str, str] = {}
+    for path in [*(ROOT / "conf").rglob("*.yaml"), *(ROOT / "efficia").rglob("*.py")]:
+        for name in re.findall(r"docs/[\w.-]+\.md", path.read_text(encoding="utf-8")):
+            cited.setdefault(name, str(path.relative_to(ROOT)))
+    for doc in (ROOT / "docs").glob("*.md"):  # links between documents
+        for name in re.findall(r"\]\(([\w.-]+\.md)\)", doc.read_text(encoding="utf-8")):
+            cited.setdefault(f"docs/{name}", str(doc.relative_to(ROOT)))
+    missing = {name: source for name, source in cited.items() if not (ROOT / name).is_file()}
+    assert cited and not missing, f"documents cited but not in the repository: {missing}"

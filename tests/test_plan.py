@@ -1,0 +1,221 @@
+"""python -m efficia.plan: memory measured on fake tensors against the same step measured on this CPU, the preset's
+micro-batch rule, both doors (the module and train.py plan=true), one-line errors, and bench/gpu_check.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from efficia.plan import (
+    GIB,
+    PARTS,
+    TABLE_END,
+    TABLE_START,
+    Memory,
+    compose,
+    main,
+    measure_step,
+    measure_step_on_cpu,
+    plan_command,
+    seed_recipes,
+    step_memory,
+    tokenizer_state,
+    write_table,
+)
+from tests.conftest import CONF, ROOT
+
+# Three sizes, each leaning on different parts, so that leaving any part out of the sum misses the measured peak
+# by more than 15% somewhere: (overrides, micro-batch, micro-batches per step).
+SIZES = {
+    # model states: AdamW's two moments, fp32 weights and the gradients the first micro-batch leaves alive
+    "states": (["model=gpt", "scale=small", "tokenizer=byte", "model.d_model=256", "model.max_seq_len=16",
+                "data.batch_size=2"], 1, 2),
+    # activations: sliding-window attention (chunked path) under bf16 autocast, Adafactor
+    "activations": (["model=yinggem", "scale=tiny", "tokenizer=byte", "optimizer=adafactor",
+                     "trainer.precision=bf16-mixed", "model.max_seq_len=128", "model.window=32",
+                     "data.batch_size=8"], 8, 1),
+    # the transient: a 50,257-token vocabulary on a tiny model (the logits' gradient), a tied head
+    "transient": (["model=gpt", "scale=tiny", "tokenizer=gpt2", "model.max_seq_len=64", "data.batch_size=4"], 4, 1),
+}
+
+
+def run_config(overrides: list[str]) -> tuple[dict, dict]:
+    composed = compose(overrides)
+    cfg = OmegaConf.to_container(composed, resolve=True)
+    return cfg, tokenizer_state(composed, cfg)
+
+
+@pytest.fixture(scope="module")
+def predicted_and_measured() -> dict[str, tuple[Memory, int]]:
+    out = {}
+    for name, (overrides, micro_batch, micro_batches) in SIZES.items():
+        cfg, tokenizer = run_config(overrides)
+        out[name] = (measure_step(cfg, tokenizer, micro_batch, micro_batches),
+                     measure_step_on_cpu(cfg, tokenizer, micro_batch, micro_batches))
+    return out
+
+
+def test_the_plan_predicts_the_peak_measured_on_this_cpu(predicted_and_measured) -> None:
+    """Fake tensors (no storage) against real ones under torch.profiler: the same step, within 15%."""
+    for name, (memory, measured) in predicted_and_measured.items():
+        assert memory.peak == sum(getattr(memory, part) for part in PARTS)
+        assert abs(memory.peak / measured - 1) <= 0.15, (name, memory, measured)
+
+
+def test_every_part_of_the_sum_is_needed(predicted_and_measured) -> None:
+    """The check above has teeth: without any one part, some size misses its measured peak by more than 15%."""
+    for part in PARTS:
+        misses = [name for name, (memory, measured) in predicted_and_measured.items()
+                  if abs((memory.peak - getattr(memory, part)) / measured - 1) > 0.15]
+        assert misses, f"leaving out {part} still passes at every size: the sizes do not test it"
+
+
+def test_a_tied_head_is_counted_once() -> None:
+    """The model is built on the meta device and made fake: the tied embedding/head stays one tensor."""
+    from efficia.module import LanguageModule
+
+    cfg, tokenizer = run_config(SIZES["transient"][0])
+    module = LanguageModule(cfg, tokenizer)
+    real = sum({id(t): t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())}.values())
+    assert module.net.lm_head.weight is module.net.tok_emb.weight
+    assert measure_step(cfg, tokenizer, 1, 1).parameters == real
+
+
+def test_attention_dropout_is_planned_as_cudas_fused_kernel() -> None:
+    """On a CPU, attention with dropout saves [T, T] probabilities; CUDA's fused SDPA keeps a seed. The plan measures
+    CUDA's way: dropout adds its layers' masks, not T-squared scores (which the real CPU step does hold)."""
+    import torch.nn.functional as F
+
+    from efficia.models import blocks
+
+    sdpa = F.scaled_dot_product_attention
+    base = ["model=gpt", "scale=tiny", "tokenizer=byte", "model.max_seq_len=512", "data.batch_size=1"]
+    plain, tokenizer = run_config([*base, "model.dropout=0.0"])
+    dropped, _ = run_config([*base, "model.dropout=0.2"])
+    without, with_dropout = measure_step(plain, tokenizer, 1, 1), measure_step(dropped, tokenizer, 1, 1)
+    assert without.activations < with_dropout.activations < 1.5 * without.activations
+    assert measure_step_on_cpu(dropped, tokenizer, 1, 1) > 2 * with_dropout.peak  # the CPU's own math path
+    assert F.scaled_dot_product_attention is sdpa and not blocks.SDPA_DROPOUT_ON_CPU  # restored after the plan
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_plans_through_the_cli(model: str, capsys) -> None:
+    main([f"model={model}", "scale=tiny", "trainer=rtx3060"])
+    out = capsys.readouterr().out
+    assert "rtx 3060 preset: 12 GB cap - 10% headroom - 0.5 GiB CUDA context = 10.30 GiB" in out
+    assert "gradient checkpointing off (configured)" in out and "gradient checkpointing on" in out
+    rows = {line[:43].strip(): line[43:].split() for line in out.splitlines()}
+    assert rows["micro-batch x accumulation"] == ["24", "x", "1", "24", "x", "1"]  # a tiny model fits whole
+    for label in ("parameters (+ buffers)", "optimizer state", "activations saved for backward", "step peak (at "
+                  "that micro-batch)", "tokens/s", "FLOPs per token (forward + backward)"):
+        assert label in rows, label
+    off, on = (float(rows["activations saved for backward"][i]) for i in (0, 2))
+    assert on < off  # checkpointing keeps only the blocks' inputs
+
+
+@pytest.mark.parametrize("model", ["gpt", "lumenspark"])
+def test_a_tight_card_gets_the_presets_micro_batch_and_accumulation(model: str, capsys) -> None:
+    """A budget just under the whole batch's step: the plan halves like the preset and accumulates the rest."""
+    overrides = [f"model={model}", "scale=tiny", "trainer=rtx3060", "data.batch_size=12", "data.val_batch_size=1"]
+    cfg, tokenizer = run_config(overrides)
+    whole = step_memory(cfg, tokenizer, 12).peak
+    context = (12 * 0.9 * GIB - whole + 1) / GIB  # the budget is one byte short of the whole batch
+    (plan,) = plan_command(overrides, context_gb=context)
+    chosen = plan.configured
+    assert chosen.micro_batch < 12 and chosen.micro_batch * chosen.accumulate == 12
+    assert chosen.memory.peak <= plan.budget < whole
+    bigger = next(b for b in (12, 6, 3) if b > chosen.micro_batch and b // 2 <= chosen.micro_batch)
+    assert step_memory(cfg, tokenizer, bigger).peak > plan.budget  # the candidate above it did not fit
+    assert f"{chosen.micro_batch} x {chosen.accumulate}" in capsys.readouterr().out
+
+
+def test_without_a_preset_every_gpu_preset_is_planned(capsys) -> None:
+    plans = plan_command(["model=gpt", "scale=tiny"])
+    assert [p.card for p in plans] == ["rtx 3060", "rtx 4090"] and [p.memory_gb for p in plans] == [12, 24]
+    assert plans[1].peak_flops > plans[0].peak_flops
+    assert plans[0].step_seconds(plans[0].configured) > plans[1].step_seconds(plans[1].configured)
+
+
+def test_an_impossible_run_is_one_line_and_a_non_zero_exit() -> None:
+    """The door users hit: a seed model with a context no 12 GB card holds, through `python -m efficia.plan`."""
+    proc = subprocess.run([sys.executable, "-m", "efficia.plan", "model=gpt", "scale=seed",
+                           "model.max_seq_len=1000000", "trainer=rtx3060"], cwd=ROOT, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: gpt on the rtx 3060 preset: even a micro-batch of 1 x 1,000,000 tokens peaks at")
+    assert "lower data.seq_len" in line and "scale=" in line
+    assert "does not fit at 1" in proc.stdout  # the plan itself is printed before the error
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["model=nonexistent"], "error: "),
+    (["model=gpt", "scale=tiny", "trainer=rtx3060", "trainer.precision=8-weird"], "error: trainer.precision="),
+    (["model=gpt", "scale=tiny", "trainer=rtx3060", "data.seq_len=64"], "error: data.seq_len=64 is longer"),
+    (["model=gpt", "scale=tiny", "--mfu", "2"], "error: --mfu=2.0"),
+    (["--table", "-", "model=gpt"], "error: --table plans the seed recipes"),
+])
+def test_bad_input_is_one_line(argv: list[str], expected: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err
+
+
+def test_train_py_plan_true_is_the_same_plan(tmp_path: Path) -> None:
+    """Two doors, one function: the same text from train.py plan=true as from python -m efficia.plan."""
+    args = ["model=yinggem", "scale=tiny", "trainer=rtx4090"]
+    by_module = subprocess.run([sys.executable, "-m", "efficia.plan", *args], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout
+    by_train = subprocess.run([sys.executable, "train.py", *args, "plan=true", f"hydra.run.dir={tmp_path}/run"],
+                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "rtx 4090 preset" in by_module and by_train == by_module
+    assert not list(tmp_path.glob("run/checkpoints")) and not list(tmp_path.glob("run/*.csv"))  # nothing trained
+
+
+def test_the_table_covers_every_seed_recipe_and_every_model() -> None:
+    recipes = seed_recipes()
+    for model in (p.stem for p in (CONF / "model").glob("*.yaml")):
+        assert [f"model={model}", "scale=seed"] in recipes
+    assert ["experiment=yinggem_shakespeare"] in recipes and ["experiment=efficientlm_seed"] in recipes
+    assert ["experiment=quickstart"] not in recipes  # scale=small: a CPU recipe
+
+
+def test_the_docs_table_is_regenerated_between_its_markers(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{TABLE_START}\nold\n{TABLE_END}\noutro\n")
+    write_table(page, "| new |")
+    assert page.read_text() == f"intro\n{TABLE_START}\n| new |\n{TABLE_END}\noutro\n"
+    docs = (ROOT / "docs" / "gpu-plan.md").read_text()
+    assert TABLE_START in docs and TABLE_END in docs and "python -m efficia.plan --table docs/gpu-plan.md" in docs
+    body = docs.split(TABLE_START)[1].split(TABLE_END)[0]
+    assert all(f"`{' '.join(r)}`" in body for r in seed_recipes()), "docs/gpu-plan.md is stale: regenerate it"
+    page.write_text("no markers")
+    with pytest.raises(Exception, match="markers"):
+        write_table(page, "| new |")
+    assert page.read_text() == "no markers"
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0() -> None:
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines() == [
+        "gpu_check: no CUDA device on this machine; nothing to check (run it where a GPU is)"]
+
+
+def test_gpu_check_runs_a_recipe_through_the_real_trainer(tmp_path: Path) -> None:
+    """Its CUDA-free plumbing: the short run's overrides compose, train through Lightning and report the plan."""
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_check import check_recipe, row
+
+    found = check_recipe(["model=gpt", "scale=tiny"], "rtx3060", 2, tmp_path / "run")
+    assert found["steps"] == 2 and found["peak"] is None  # no CUDA: nothing to measure
+    assert found["plan"].configured.micro_batch == 24
+    assert row(["model=gpt", "scale=tiny"], "rtx3060", found).startswith("| `model=gpt scale=tiny` | rtx3060 | 24 x 1")
+
