@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import RMSNorm, SwiGLU, attend_with_own_term, init_weights, mark_keep_float, require
+from efficia.models.blocks import (
+    RMSNorm,
+    SwiGLU,
+    attend_with_own_term,
+    init_weights,
+    mark_keep_float,
+    require,
+)
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
 from efficia.models.registry import register
