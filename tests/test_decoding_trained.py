@@ -49,27 +49,27 @@ def case(request) -> tuple[str, tuple[str, ...]]:
     return request.param
 
 
-def test_single_token_decoding_equals_full_forward(case, one_thread) -> None:
-    """Prefill 1 and 5 tokens, then one token at a time to the end of the context."""
+def model_and_forward(case: tuple[str, tuple[str, ...]], seed: int):
+    """A trained-like model of this case, its test tokens and their full forward (the reference)."""
     name, variant = case
     model = trained_like(name, variant)
-    idx = tokens(model, seed=11)
-    T = idx.shape[1]
+    idx = tokens(model, seed=seed)
     with torch.no_grad():
-        full = model(idx)
+        return name, model, idx, model(idx)
+
+
+def test_single_token_decoding_equals_full_forward(case, one_thread) -> None:
+    """Prefill 1 and 5 tokens, then one token at a time to the end of the context."""
+    name, model, idx, full = model_and_forward(case, seed=11)
     for prefill in (1, 5):
-        assert_matches(name, decode(model, idx, [0, *range(prefill, T + 1)]), full, f"prefill {prefill}")
+        assert_matches(name, decode(model, idx, [0, *range(prefill, idx.shape[1] + 1)]), full, f"prefill {prefill}")
 
 
 def test_chunked_decoding_equals_full_forward(case, one_thread) -> None:
     """Multi-token chunks of uneven sizes, so chunk edges fall inside and across every window, segment,
     block and merge chunk (tiny structures are 3..8 tokens)."""
-    name, variant = case
-    model = trained_like(name, variant)
-    idx = tokens(model, seed=12)
+    name, model, idx, full = model_and_forward(case, seed=12)
     T = idx.shape[1]
-    with torch.no_grad():
-        full = model(idx)
     for cuts in ([0, 2, 7, 8, 13, 22, 23, T], [0, 9, 10, 11, 20, T - 1, T], [0, T - 1, T]):
         assert_matches(name, decode(model, idx, cuts), full, f"chunks {cuts}")
 
