@@ -18,7 +18,6 @@ from efficia.checkpoint import build_net
 from efficia.data.base import IGNORE, DataModule
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import TrainingError
-from efficia.models.decoder import DecoderLM
 from efficia.models.output import linear_cross_entropy
 
 
@@ -88,15 +87,12 @@ class LanguageModule(L.LightningModule):
             self.recall_acc_by_set = torch.nn.ModuleList(self.answer_accuracy() for _ in names)
 
     def outputs(self, x: Tensor) -> Tensor:
-        """Final hidden states [B, T, C] of a DecoderLM (the output unit makes logits only chunk by chunk); logits
-        [B, T, V] of a net that keeps only the logits contract (a test double)."""
-        return self.net.hidden(x) if isinstance(self.net, DecoderLM) else self.net(x)
+        """Final hidden states [B, T, C]: the output unit makes logits only chunk by chunk."""
+        return self.net.hidden(x)
 
     def output_loss(self, out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
         """Cross-entropy of `outputs(x)` through the output unit (`loss.impl`: fused chunks or plain logits);
         a target of IGNORE (-100) costs 0 and is not counted. "none": per-position nats [B*T]."""
-        if not isinstance(self.net, DecoderLM):
-            return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction=reduction)
         cfg = self.cfg["loss"]
         rows = max(1, int(cfg["chunk_mb"] * 2**20) // (4 * self.net.head_weight.shape[0]))
         return linear_cross_entropy(out, self.net.head_weight, y, impl=cfg["impl"], chunk_size=rows,
@@ -145,7 +141,7 @@ class LanguageModule(L.LightningModule):
         if not bool(scored.all()):  # a batch with a target mask (recall tasks): accuracy on its answers
             predictions = torch.zeros_like(targets)  # logits of the scored positions only
             rows = out.flatten(0, 1)[scored]
-            predictions[scored] = (self.net.lm_head(rows) if isinstance(self.net, DecoderLM) else rows).argmax(-1)
+            predictions[scored] = F.linear(rows, self.net.head_weight).argmax(-1)
             predictions = predictions.view_as(y)
             self.recall_acc.update(predictions, y)
             if len(self.recall_acc_by_set):
