@@ -70,6 +70,25 @@ def test_all_ignored_mean_is_nan_like_plain() -> None:
     assert fused.isnan() and plain.isnan()
 
 
+def head_flops(targets: torch.Tensor) -> int:
+    """Matmul FLOPs of one fused forward + backward over len(targets) rows (V = 1,000), chunks of 64."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    hidden = torch.randn(len(targets), 16, requires_grad=True)
+    weight = torch.randn(1000, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        linear_cross_entropy(hidden, weight, targets, chunk_size=64).backward()
+    return counter.get_total_flops()
+
+
+def test_only_scored_rows_get_logits() -> None:
+    """Recall tasks score 1 position in 8 (MQAR: the answers): 512 rows of which 64 are scored cost what 64
+    scored rows cost: the ignored ones get no output-layer work, most of a step at Zoology's vocabulary."""
+    one_in_eight = torch.full((512,), -100)
+    one_in_eight[::8] = torch.randint(1000, (64,))
+    assert head_flops(one_in_eight) == head_flops(one_in_eight[::8]) > 0
+
+
 def test_huge_losses_stay_exact() -> None:
     """A target whose probability underflows fp32 (loss ~ 300 nats) is taken from logsumexp, not log(0)."""
     hidden, weight, targets = inputs()
