@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from efficia.data.base import IGNORE
 from efficia.throughput import compute_dtype, peak_flops, training_flops_per_token
 
 
@@ -95,12 +96,16 @@ class Throughput(Callback):
         self.rate: float | None = None
         self.last_end: float | None = None
         self.flops_per_token: float | None = None
+        self.head_flops = 0
         self.peak: float | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         cfg = pl_module.cfg
         seq_len = cfg.get("data", {}).get("seq_len") or cfg["model"]["max_seq_len"]
         self.flops_per_token = training_flops_per_token(cfg["model"], pl_module.tokenizer.vocab_size, seq_len)
+        # the fused output unit gives logits to scored rows only (efficia.models.output): on recall data (1 scored
+        # row in 8) the head's share of the count is done for those rows only, 2 FLOPs per weight forward, 4 back
+        self.head_flops = 6 * pl_module.net.head_weight.numel() if cfg["loss"]["impl"] == "fused" else 0
         dtype = compute_dtype(trainer.precision, pl_module.device.type)
         self.peak, source = peak_flops(pl_module.device, dtype)
         peak = f"peak {self.peak / 1e9:,.0f} GFLOP/s ({source})" if self.peak else f"no MFU: {source}"
@@ -116,8 +121,9 @@ class Throughput(Callback):
             if loggers_write_at(trainer, trainer.global_step):
                 pl_module.log("tok/s", self.rate, prog_bar=True)
                 if self.peak and self.flops_per_token:
-                    pl_module.log("mfu", self.rate * self.flops_per_token / (self.peak * trainer.world_size),
-                                  prog_bar=True)
+                    unscored = (batch[1] == IGNORE).float().mean().item() if self.head_flops else 0.0
+                    flops = self.flops_per_token - self.head_flops * unscored
+                    pl_module.log("mfu", self.rate * flops / (self.peak * trainer.world_size), prog_bar=True)
         self.last_end = now
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -118,6 +118,24 @@ def test_a_run_logs_mfu_and_ends_by_validating_its_final_weights(make_cfg, capfd
     assert "Tip:" not in noise and "LeafSpec" not in noise and "TPU available" not in noise
 
 
+def test_mfu_on_recall_data_counts_the_head_for_answer_rows_only(make_cfg, caplog) -> None:
+    """MQAR scores 8 positions of 32 here, and the fused output unit gives logits to those only: MFU counts the
+    head's FLOPs for them, not for the other 24 (experiment=recall showed an MFU of 193% when it did)."""
+    cfg = make_cfg("experiment=recall", "scale=tiny", "logger=csv", "model.max_seq_len=64", "data.seq_len=32",
+                   "data.num_kv_pairs=8", "data.vocab_size=512", "data.num_test=40", "data.test=null",
+                   "data.batch_size=8", "trainer.max_steps=4", "trainer.val_check_interval=100",
+                   "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0")
+    train(cfg)
+    head = 6 * 512 * cfg.model.d_model  # the tied head's V x C weights: 2 FLOPs each forward, 4 backward
+    flops = training_flops_per_token(cfg.model, 512, 32) - head * 24 / 32
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("throughput: "))
+    peak = float(line.split("peak ")[1].split(" GFLOP/s")[0].replace(",", "")) * 1e9
+    logged = [r for r in csv_rows(Path(cfg.output_dir)) if r.get("mfu")]
+    assert len(logged) >= 2
+    for r in logged:
+        assert float(r["mfu"]) == pytest.approx(float(r["tok/s"]) * flops / peak, rel=0.01)
+
+
 def test_the_final_validation_is_of_the_saved_weights(make_cfg) -> None:
     """The returned val/loss is what a fresh validation of last.ckpt gives: what sweeps minimise is what was saved."""
     require_data()
