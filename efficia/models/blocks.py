@@ -239,6 +239,51 @@ def attend_sink(q: Tensor, k: Tensor, v: Tensor, own_score: Tensor, own_value: T
     return out[..., :Dv] + out[..., Dv:] * own_value  # [B, H, Tq, Dv]
 
 
+def with_sinks(k: Tensor, v: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """`with_sink` with `count` identical sinks first: [B,Hkv,count+Tk,·+1]. A causal layout whose first queries
+    must see nothing but their own term needs more than one: a query that sees m sinks gives its own term m
+    equal shares, so `attend_sink` stays exact when the query's own score is lowered by log(m)."""
+    k, v = with_sink(k, v)
+    if count == 1:
+        return k, v
+    extra = (-1, -1, count - 1, -1)
+    return torch.cat((k[:, :, :1].expand(extra), k), dim=2), torch.cat((v[:, :, :1].expand(extra), v), dim=2)
+
+
+def attend_sink_masked(q: Tensor, k: Tensor, v: Tensor, own_score: Tensor, own_value: Tensor, *, attn_mask: Tensor,
+                       scale: float, dropout: float = 0.0) -> Tensor:
+    """`attend_sink` under a boolean attn_mask [Tq, Tk] (True = visible), for layouts that are not causal from the
+    top-left corner (a cached call's past keys). Every row must see at least one sink."""
+    Dv = v.shape[-1] - 1
+    q = torch.cat((q, (own_score / scale).unsqueeze(-1).to(q.dtype)), dim=-1)  # [B, H, Tq, Dq + 1]
+    out = sdpa(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout, enable_gqa=q.shape[1] != k.shape[1])
+    return out[..., :Dv] + out[..., Dv:] * own_value  # [B, H, Tq, Dv]
+
+
+class _SoftmaxWithLSE(torch.autograd.Function):
+    """(softmax, logsumexp) of the last dim, keeping only the softmax for backward."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor) -> tuple[Tensor, Tensor]:
+        lse = scores.logsumexp(-1)
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        ctx.save_for_backward(probs)
+        return probs, lse
+
+    @staticmethod
+    def backward(ctx, grad_probs: Tensor, grad_lse: Tensor) -> Tensor:
+        (probs,) = ctx.saved_tensors
+        inner = grad_probs - (grad_probs * probs).sum(-1, keepdim=True) + grad_lse.unsqueeze(-1)
+        return probs * inner
+
+
+def softmax_with_lse(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(scores, -1) and logsumexp(scores, -1), both differentiable, for an explicit attention whose
+    log-sum-exp joins a larger softmax (as a sink term). Backward keeps the probabilities only, not the scores
+    as well (what `softmax` plus `logsumexp` would keep). Rows must have at least one finite score."""
+    return _SoftmaxWithLSE.apply(scores)
+
+
 def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float, scale: float | None = None) -> Tensor:
     """What SDPA's math path computes under dropout (causal, bottom-right aligned, GQA), with `dropout`'s mask."""
     k, v = expand_kv(q, k, v)
