@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from efficia.errors import ConfigError
+from efficia.models import lumenspark
 from efficia.models.blocks import attend_sink, softmax_with_lse, with_sink
 from efficia.models.lumenspark import (
     BlockLinformerAttention,
+    LowRankFeedForward,
     block_causal_attention,
     compress,
     pooling_projection,
@@ -24,6 +26,7 @@ from efficia.models.lumenspark import (
 from tests.conftest import build_tiny
 from tests.memory import saved_tensors
 from tests.test_models import assert_causal
+from tests.trained_like import randomise
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
@@ -228,6 +231,28 @@ def test_softmax_with_lse_has_both_gradients_and_keeps_only_the_probabilities() 
     got = torch.autograd.grad((probs * g_p).sum() + (lse * g_l).sum(), scores)[0]
     want = torch.autograd.grad((want_p * g_p).sum() + (want_l * g_l).sum(), scores)[0]
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("T", "chunk"), [(11, 4), (8, 8), (5, 1024)])
+def test_factorised_feed_forward_keeps_no_hidden_activation_and_has_the_same_gradients(T, chunk, monkeypatch) -> None:
+    """The lean training path (chunks of tokens, the hidden activation recomputed) equals the plain composition
+    proj(gelu(fc(x))): outputs and the gradients of x and of every weight, on trained-like weights, with chunks
+    that do not divide the tokens; and nothing `hidden` wide is kept for backward (the plain path keeps two)."""
+    ffn = randomise(LowRankFeedForward(8, 40, 3))
+    real = lumenspark.factorised_gelu
+    monkeypatch.setattr(lumenspark, "factorised_gelu", lambda z, up, down: real(z, up, down, chunk))
+    x = torch.randn(2, T, 8, generator=torch.Generator().manual_seed(T), requires_grad=True)
+    grad = torch.randn(2, T, 8, generator=torch.Generator().manual_seed(T + 1))
+    results = []
+    for forward in (ffn, lambda x: ffn.proj(F.gelu(ffn.fc(x)))):
+        out, kept = saved_tensors(forward, x)
+        hidden = sum(nbytes >= 2 * T * 40 * 4 for _, nbytes in kept)  # [2, T, 40] floats in any shape
+        results.append((out, torch.autograd.grad(out, (x, *ffn.parameters()), grad), hidden))
+    (out, grads, hidden), (want, want_grads, want_hidden) = results
+    assert (hidden, want_hidden) == (0, 2)
+    torch.testing.assert_close(out, want)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected)
 
 
 def test_only_later_blocks_see_the_compressed_slots() -> None:

@@ -284,6 +284,13 @@ def softmax_with_lse(scores: Tensor) -> tuple[Tensor, Tensor]:
     return _SoftmaxWithLSE.apply(scores)
 
 
+def autocasting(x: Tensor) -> bool:
+    """Whether autocast is on for x's device (False where the device has none, e.g. meta): custom autograd
+    functions that skip its casts step aside then."""
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
 def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float, scale: float | None = None) -> Tensor:
     """What SDPA's math path computes under dropout (causal, bottom-right aligned, GQA), with `dropout`'s mask."""
     k, v = expand_kv(q, k, v)
