@@ -15,7 +15,10 @@ from omegaconf import OmegaConf
 
 from efficia.models import attention as att
 from efficia.models import build_model
+from efficia.models.blocks import GatedFeedForward, LeanGatedFeedForward
 from tests.conftest import build_tiny
+from tests.memory import saved_tensors
+from tests.trained_like import randomise
 
 WINDOW = 8  # conf/model_scale/yinggem_tiny.yaml
 MAX_SEQ_LEN = 16
@@ -276,6 +279,40 @@ def test_seed_size_parameter_count_matches_the_seed() -> None:
     with torch.device("meta"):
         model = build_model(cfg, 50257)
     assert abs(model.num_params() / 133.96e6 - 1) < 0.005, model.num_params()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_lean_gated_feed_forward_is_the_gated_one_keeping_two_hidden_activations(activation):
+    """Same parameters, outputs and gradients as GatedFeedForward, on trained-like weights; backward keeps
+    gate(x) and up(x) only (the plain one also keeps act(gate(x)) and the product)."""
+    torch.manual_seed(0)
+    lean = LeanGatedFeedForward(16, 24, activation)
+    plain = GatedFeedForward(16, 24, activation)
+    randomise(lean)
+    plain.load_state_dict(lean.state_dict())
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    grad = torch.randn(2, 7, 16)
+    results = []
+    for ffn in (lean, plain):
+        out, kept = saved_tensors(ffn, x)
+        hidden = sum(nbytes == 2 * 7 * 24 * 4 for _, nbytes in kept)  # [2, 7, 24] floats, in any shape
+        results.append((out, torch.autograd.grad(out, (x, *ffn.parameters()), grad), hidden))
+    (out, grads, hidden), (want, want_grads, want_hidden) = results
+    assert (hidden, want_hidden) == (2, 4)
+    torch.testing.assert_close(out, want)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_banded_attention_keeps_no_copy_of_the_key_windows_for_a_batch():
+    """Batch > 1: nothing kept for backward is larger than one [B, H, T, D] tensor (reshaping the overlapping
+    unfold view of strided keys would keep a 2x copy of keys and values, every key in two windows)."""
+    qkv = torch.randn(2, 12 * WINDOW, 3 * 4, 8, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv.split(4, dim=2))  # [B, H, T, D] views, as the mixer passes them
+    out, kept = saved_tensors(att.sliding_window_attention, q, k, v, WINDOW)
+    one = q.numel() * q.element_size()
+    assert max(nbytes for shape, nbytes in kept if shape != (2, 4, WINDOW, 8)) <= one  # the input's own storage aside
+    torch.testing.assert_close(out, dense_band_attention(q, k, v, WINDOW), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.cuda

@@ -196,12 +196,16 @@ def _uniform_chunks(q: Tensor, k: Tensor, v: Tensor, window: int, dropout: float
     rows c·w .. c·w+2w-1, a 2w-wide slab of which the band mask keeps w per query.
 
     Layout [B·H, n_chunks, ·, D]: the chunks take SDPA's head dimension, so q is a free view and
-    k, v an overlapping strided view (unfold), and one [w, 2w] mask serves every chunk."""
+    k, v an overlapping strided view (unfold), and one [w, 2w] mask serves every chunk. Merging B and H
+    is a view of a projection's transposed output only for B = 1; for B > 1 k and v are made
+    contiguous per head first (one copy each, where reshaping the unfold view would copy both windows)."""
     B, H, q_len, D = q.shape
     n_chunks = -(-q_len // window)
     pad = n_chunks * window - q_len
     if pad:  # padded queries are dropped at the end; padded keys lie outside every real query's band
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    elif B > 1:  # per-head contiguous: then [B·H, n_chunks, 2w, D] below is a view, not a 2x copy kept for backward
+        k, v = k.contiguous(), v.contiguous()
     q = q.reshape(B * H, n_chunks, window, D)
     # unfold: [B,H,n_chunks,D,2w] overlapping view -> [B·H, n_chunks, 2w, D]
     k = k.unfold(2, 2 * window, window).transpose(-1, -2).reshape(B * H, n_chunks, 2 * window, D)

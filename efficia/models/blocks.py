@@ -239,6 +239,108 @@ def attend_sink(q: Tensor, k: Tensor, v: Tensor, own_score: Tensor, own_value: T
     return out[..., :Dv] + out[..., Dv:] * own_value  # [B, H, Tq, Dv]
 
 
+def with_sinks(k: Tensor, v: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """`with_sink` with `count` identical sinks first: [B,Hkv,count+Tk,·+1]. A causal layout whose first queries
+    must see nothing but their own term needs more than one: a query that sees m sinks gives its own term m
+    equal shares, so `attend_sink` stays exact when the query's own score is lowered by log(m)."""
+    k, v = with_sink(k, v)
+    if count == 1:
+        return k, v
+    extra = (-1, -1, count - 1, -1)
+    return torch.cat((k[:, :, :1].expand(extra), k), dim=2), torch.cat((v[:, :, :1].expand(extra), v), dim=2)
+
+
+def attend_sink_masked(q: Tensor, k: Tensor, v: Tensor, own_score: Tensor, own_value: Tensor, *, attn_mask: Tensor,
+                       scale: float, dropout: float = 0.0) -> Tensor:
+    """`attend_sink` under a boolean attn_mask [Tq, Tk] (True = visible), for layouts that are not causal from the
+    top-left corner (a cached call's past keys). Every row must see at least one sink."""
+    Dv = v.shape[-1] - 1
+    q = torch.cat((q, (own_score / scale).unsqueeze(-1).to(q.dtype)), dim=-1)  # [B, H, Tq, Dq + 1]
+    out = sdpa(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout, enable_gqa=q.shape[1] != k.shape[1])
+    return out[..., :Dv] + out[..., Dv:] * own_value  # [B, H, Tq, Dv]
+
+
+class _SoftmaxWithLSE(torch.autograd.Function):
+    """(softmax, logsumexp) of the last dim, keeping only the softmax for backward."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor) -> tuple[Tensor, Tensor]:
+        lse = scores.logsumexp(-1)
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        ctx.save_for_backward(probs)
+        return probs, lse
+
+    @staticmethod
+    def backward(ctx, grad_probs: Tensor, grad_lse: Tensor) -> Tensor:
+        (probs,) = ctx.saved_tensors
+        inner = grad_probs - (grad_probs * probs).sum(-1, keepdim=True) + grad_lse.unsqueeze(-1)
+        return probs * inner
+
+
+def softmax_with_lse(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(scores, -1) and logsumexp(scores, -1), both differentiable, for an explicit attention whose
+    log-sum-exp joins a larger softmax (as a sink term). Backward keeps the probabilities only, not the scores
+    as well (what `softmax` plus `logsumexp` would keep). Rows must have at least one finite score."""
+    return _SoftmaxWithLSE.apply(scores)
+
+
+def autocasting(x: Tensor) -> bool:
+    """Whether autocast is on for x's device (False where the device has none, e.g. meta): custom autograd
+    functions that skip its casts step aside then."""
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
+# activation -> (function, its backward given the output gradient and the input): what `gated_linear` recomputes
+_ACTIVATIONS = {"gelu": (F.gelu, torch.ops.aten.gelu_backward), "silu": (F.silu, torch.ops.aten.silu_backward)}
+
+
+class _GatedLinear(torch.autograd.Function):
+    """F.linear(act(gate) * up, weight) keeping gate and up, not act(gate) or the product, for backward."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor, weight: Tensor, activation: str) -> Tensor:
+        ctx.activation = activation
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(_ACTIVATIONS[activation][0](gate) * up, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        gate, up, weight = ctx.saved_tensors
+        act, act_backward = _ACTIVATIONS[ctx.activation]
+        a = act(gate)  # recomputed
+        grad_w = grad.reshape(-1, grad.shape[-1]).T @ (a * up).reshape(-1, up.shape[-1])
+        grad_hidden = grad @ weight
+        grad_up = grad_hidden * a
+        del a  # one hidden-wide temporary at a time: this runs while every earlier layer's tensors are kept
+        return act_backward(grad_hidden.mul_(up), gate), grad_up, grad_w, None
+
+
+def gated_linear(gate: Tensor, up: Tensor, linear: nn.Module, activation: str) -> Tensor:
+    """linear(act(gate) * up), a gated feed-forward's output, keeping only gate and up for backward: autograd would
+    also keep act(gate) and the product, `hidden` floats per token each, the largest tensors of a long-context
+    pass. Costs one more activation and product in backward. Anything but a bias-free float nn.Linear under plain
+    autograd (a quantized layer, autocast, no grad) takes the ordinary path."""
+    plain = type(linear) is not nn.Linear or linear.bias is not None or not torch.is_grad_enabled()
+    if plain or autocasting(gate):
+        return linear(_ACTIVATIONS[activation][0](gate) * up)
+    return _GatedLinear.apply(gate, up, linear.weight, activation)
+
+
+class LeanGatedFeedForward(GatedFeedForward):
+    """`GatedFeedForward` (same parameters, same results) that keeps gate(x) and up(x) for backward, not
+    act(gate(x)) and the product as well: two hidden-wide activations per token instead of four
+    (`gated_linear`)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "silu", bias: bool = False,
+                 dropout: float = 0.0) -> None:
+        super().__init__(dim, hidden, activation, bias, dropout)
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(gated_linear(self.gate(x), self.up(x), self.down, self.activation))
+
+
 def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float, scale: float | None = None) -> Tensor:
     """What SDPA's math path computes under dropout (causal, bottom-right aligned, GQA), with `dropout`'s mask."""
     k, v = expand_kv(q, k, v)

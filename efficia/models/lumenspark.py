@@ -10,14 +10,15 @@ compressed, to `k_per_block` slots by E (keys) and F (values), learned and share
                    2 slots       2 slots      <= 8 tokens
 
 So a query attends over `block + (its block index)·k_per_block` keys: O(T·(block + T/block·k_per_block))
-time and memory, no T×T mask and no mask over slots at all: each block's queries attend the slot
-prefix of the blocks before it (one fused SDPA per block over a view), with their own block's causal
-attention folded into the same softmax. Decoding keeps the current block's exact K/V and the compressed
-slots of the completed blocks (`BlockLinformerState`).
+time, no T×T mask and no mask over slots in training: one fused causal SDPA over [sinks, all slots]
+serves every block at once (`block_causal_attention`), with each query's own block folded into the same
+softmax. Decoding keeps the current block's exact K/V and the compressed slots of the completed blocks
+(`BlockLinformerState`).
 
 Around the mixer, as the seed: low-rank query projection (`LowRankLinear`, W ≈ U·V), a factorised
-GELU feed-forward, RMSNorm, learned token + position embeddings, untied head. Unlike the seed the
-blocks are pre-norm (the shared `PreNormBlock`).
+GELU feed-forward (its hidden activation recomputed from the rank-wide one in backward), RMSNorm,
+learned token + position embeddings, untied head. Unlike the seed the blocks are pre-norm (the shared
+`PreNormBlock`).
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from efficia.models.blocks import (
     Dropout,
     RMSNorm,
     attend_sink,
+    attend_sink_masked,
+    autocasting,
     check_heads,
     mark_keep_init,
     mark_residual,
     require,
-    with_sink,
+    softmax_with_lse,
+    with_sinks,
 )
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.registry import register
@@ -61,7 +65,12 @@ class LowRankLinear(nn.Module):
 
 
 class LowRankFeedForward(nn.Module):
-    """The seed's factorised feed-forward: low-rank down(gelu(low-rank up(x)))."""
+    """The seed's factorised feed-forward: low-rank down(gelu(low-rank up(x))).
+
+    In training its `hidden`-wide middle, gelu(U_fc · z) with z the rank-wide fc.down(x), is neither kept
+    for backward nor materialised for all tokens at once (`factorised_gelu`): it is recomputed from z in
+    chunks of tokens. At scale=small that is 1,024 floats per token kept twice, the widest activation of
+    the model, against 64 for z."""
 
     def __init__(self, dim: int, hidden: int, rank: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -70,7 +79,49 @@ class LowRankFeedForward(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        up, down = self.fc.up, self.proj.down
+        lean = (torch.is_grad_enabled() and not autocasting(x)
+                and all(type(m) is nn.Linear and m.bias is None for m in (up, down)))
+        if not lean:  # inference, autocast, quantized layers, biases: the plain composition
+            return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj.up(factorised_gelu(self.fc.down(x), up.weight, down.weight)))
+
+
+class _FactorisedGelu(torch.autograd.Function):
+    """gelu(z @ up^T) @ down^T chunk by chunk of tokens, keeping z, up and down for backward."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, up: Tensor, down: Tensor, chunk: int) -> Tensor:
+        ctx.chunk = chunk
+        ctx.save_for_backward(z, up, down)
+        flat = z.reshape(-1, z.shape[-1])
+        out = flat.new_empty(flat.shape[0], down.shape[0])
+        for start in range(0, flat.shape[0], chunk):
+            torch.mm(F.gelu(flat[start:start + chunk] @ up.T), down.T, out=out[start:start + chunk])
+        return out.view(*z.shape[:-1], down.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        z, up, down = ctx.saved_tensors
+        flat, grad = z.reshape(-1, z.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_z, grad_up, grad_down = torch.empty_like(flat), torch.zeros_like(up), torch.zeros_like(down)
+        for start in range(0, flat.shape[0], ctx.chunk):
+            z_c, g_c = flat[start:start + ctx.chunk], grad[start:start + ctx.chunk]
+            h = z_c @ up.T  # [chunk, hidden], recomputed
+            grad_down.addmm_(g_c.T, F.gelu(h))
+            grad_h = torch.ops.aten.gelu_backward(g_c @ down, h)
+            grad_up.addmm_(grad_h.T, z_c)
+            torch.mm(grad_h, up, out=grad_z[start:start + ctx.chunk])
+        return grad_z.view_as(z), grad_up, grad_down, None
+
+
+def factorised_gelu(z: Tensor, up: Tensor, down: Tensor, chunk: int = 1024) -> Tensor:
+    """gelu(z @ up^T) @ down^T for z[.., r] and up [hidden, r], down [r', hidden]: the middle of a factorised
+    feed-forward, where `hidden` >> r. Backward keeps z (r floats per token) instead of the hidden activation
+    and its gelu (2·hidden), and recomputes them; both passes go `chunk` tokens at a time, so no hidden-wide
+    tensor of the whole sequence exists even briefly (the forward and backward peaks of a long sequence).
+    Costs one more z @ up^T in backward."""
+    return _FactorisedGelu.apply(z, up, down, chunk)
 
 
 def pooling_projection(k_per_block: int, block: int) -> Tensor:
@@ -97,50 +148,76 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, e: Tensor, f: Tensor
     k, v start at a block boundary and the queries are their last Tq positions (bottom-right
     aligned, as in a cached call). A query in block c sees: every `past` slot ([B,Hkv,P,D], from
     blocks before k's first one), the slots of blocks 0..c-1 of k, and the exact keys of block c
-    up to itself. Two exact parts, merged in one softmax:
+    up to itself. No loop over blocks; two exact parts merged in one softmax:
 
-    - own block: causal attention inside each block, batched over blocks ([B, H, n, block, block]
-      scores, O(T·block)), giving each query's log-sum-exp and output;
-    - slots: block c's queries against the slot prefix [P + c·S] (a view of one slot tensor, so no
-      mask and no copies), one fused SDPA per block with the own part folded in as a sink term
-      (`attend_sink`). O(T·T/block·S) work, nothing of size T × slots is kept.
+    - local (explicit, batched over blocks, O(T·(S + block))): the query's own block causally, plus
+      the slots of the block before it from index j = (offset in block) % S on;
+    - prefix (ONE fused causal SDPA): the slots before those. With the query's phase j as its row
+      within its block (rows c·S + j, the offsets t = u·S + j becoming heads u) and keys
+      [S+1 sinks, past, slot 0, slot 1, ..], row c·S + j sees exactly the sinks and the slots before
+      the local part's: causal from the top-left corner, no mask and no copies of the slots (a cached
+      call with past slots shifts the rows by P: there, a [rows, keys] boolean mask).
 
-    Dropout (training) drops slot weights per key and the own block's weight as a whole.
+    The local part enters the prefix call as its sink term (`attend_sink`): the first S rows see fewer
+    than S+1 sinks, so every query's own score is its local log-sum-exp minus log(sinks it sees).
+    Dropout (training) drops slot weights per key and the local part's weight per sink share.
     """
     B, H, q_len, D = q.shape
     Hkv, k_len, S = k.shape[1], k.shape[2], e.shape[0]
-    n, G = -(-k_len // block), H // Hkv
+    n, G, U = -(-k_len // block), H // Hkv, -(-block // S)
     front, pad = k_len - q_len, n * block - k_len
-    q = F.pad(q, (0, 0, front, pad))  # dummy queries before (< one block) and after (padding)
-    k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+    if front or pad:  # dummy queries before (< one block) and after (padding)
+        q = F.pad(q, (0, 0, front, pad))
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
     scale = 1.0 / math.sqrt(D)
-    # own block: queries grouped [B, Hkv, G, n, block, D] against keys [B, Hkv, 1, n, block, D]
-    qb = q.view(B, Hkv, G, n, block, D)
-    kb, vb = k.view(B, Hkv, 1, n, block, D), v.view(B, Hkv, 1, n, block, D)
-    causal = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
-    scores = (qb @ kb.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))  # [.., n, block, block]
-    own_lse = scores.logsumexp(-1)  # [B, Hkv, G, n, block]
-    own_out = torch.exp(scores - own_lse[..., None]) @ vb  # [B, Hkv, G, n, block, D]
-    own_lse, own_out = own_lse.reshape(B, H, n * block), own_out.reshape(B, H, n * block, D)
     # slots of blocks 0..n-2 (the last block is nobody's earlier block here), after the past ones
     slots_k, slots_v = compress(k[:, :, :(n - 1) * block], e, block), compress(v[:, :, :(n - 1) * block], f, block)
     if past_k is not None:
         slots_k = torch.cat((past_k.to(k.dtype), slots_k), dim=2)  # [B, Hkv, P + (n-1)·S, D]
         slots_v = torch.cat((past_v.to(v.dtype), slots_v), dim=2)
     n_past = slots_k.shape[2] - (n - 1) * S
-    slots_k, slots_v = with_sink(slots_k, slots_v)  # once: each block attends a prefix view of these
-    outs = []
-    # split, not sliced per block: a slice's backward writes a zero tensor of the whole input per block
-    per_block = zip(*(t.split(block, dim=2) for t in (q, own_lse, own_out)), strict=True)
-    for c, (q_c, lse_c, out_c) in enumerate(per_block):
-        if c < front // block:  # only dummy queries
-            continue
-        ctx = 1 + n_past + c * S  # the sink, then the slots of every earlier block
-        outs.append(attend_sink(q_c, slots_k[:, :, :ctx], slots_v[:, :, :ctx], lse_c, out_c,
-                                is_causal=False, scale=scale, dropout=dropout))  # [B, H, block, D]
-    out = torch.cat(outs, dim=2)  # [B, H, blocks·block, D], from the first block with a real query
-    start = front - front // block * block
-    return out[:, :, start:start + q_len]
+
+    def local(own: Tensor, slots: Tensor) -> Tensor:  # [B, Hkv, n, S + block, D]
+        before = F.pad(slots, (0, 0, S, 0))[:, :, n_past:]  # block c: slots P+(c-1)·S .. P+c·S-1 (zeros before 0)
+        return torch.cat((before.view(B, Hkv, n, S, D), own.view(B, Hkv, n, block, D)), dim=3)
+
+    # a K/V head's G query heads side by side per block ([B, Hkv, n, G·block, D]), so that the local keys and
+    # values are not copied G times by a broadcasting matmul
+    q_local = q.view(B, Hkv, G, n, block, D).transpose(2, 3).reshape(B, Hkv, n, G * block, D)
+    visible, sinks = local_visibility(n, block, S, n_past, q.device)
+    scores = q_local @ local(k, slots_k).transpose(-1, -2) * scale  # [B, Hkv, n, G·block, S + block]
+    probs, lse = softmax_with_lse(scores.masked_fill(~visible.repeat(1, G, 1), float("-inf")))
+    own_out = (probs @ local(v, slots_v)).view(B, Hkv, n, G, block, D).transpose(2, 3)  # [B, Hkv, G, n, block, D]
+    own_score = lse.view(B, Hkv, n, G, block).transpose(2, 3) - sinks.to(lse.dtype).log()  # a share per sink
+
+    def rows(t: Tensor) -> Tensor:  # [B, ·, n, block, ·] -> [B, H·U, n·S, ·]: offset u·S + j -> head u, row c·S + j
+        t = t.reshape(B, H, n, block, t.shape[-1])
+        t = (F.pad(t, (0, 0, 0, U * S - block)) if U * S > block else t).view(B, H, n, U, S, t.shape[-1])
+        return t.transpose(2, 3).reshape(B, H * U, n * S, t.shape[-1])
+
+    keys, values = with_sinks(slots_k, slots_v, S + 1)  # [B, Hkv, S + 1 + P + (n-1)·S, D + 1]
+    args = (rows(q), keys, values, rows(own_score.unsqueeze(-1))[..., 0], rows(own_out))
+    if n_past:  # row r sees keys 0 .. P + r
+        mask = torch.arange(keys.shape[2], device=q.device) <= n_past + torch.arange(n * S, device=q.device)[:, None]
+        y = attend_sink_masked(*args, attn_mask=mask, scale=scale, dropout=dropout)
+    else:  # row r sees keys 0 .. r
+        y = attend_sink(*args, is_causal=True, scale=scale, dropout=dropout)  # [B, H·U, n·S, D]
+    y = y.view(B, H, U, n, S, D).transpose(2, 3).reshape(B, H, n, U * S, D)[:, :, :, :block]
+    return y.reshape(B, H, n * block, D)[:, :, front:front + q_len]
+
+
+def local_visibility(n: int, block: int, S: int, n_past: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """What `block_causal_attention`'s explicit part sees, [n, block, S + block] (True = visible): slot i of the
+    block before iff i >= offset % S and that slot exists (index P + (c-1)·S + i >= 0), and the own block
+    causally; and how many sinks each query's prefix row sees, [n, block] (float)."""
+    c = torch.arange(n, device=device)[:, None, None]
+    t = torch.arange(block, device=device)[None, :, None]
+    i = torch.arange(S, device=device)[None, None, :]
+    before = (i >= t % S) & (n_past + (c - 1) * S + i >= 0)  # [n, block, S]
+    own = torch.arange(block, device=device)[None, None, :] <= t  # [1, block, block]
+    visible = torch.cat((before, own.expand(n, block, block)), dim=-1)
+    row = (c * S + t % S)[..., 0]  # [n, block]: the query's prefix row
+    return visible, (n_past + row + 1).clamp(max=S + 1).to(torch.float32)
 
 
 class BlockLinformerState:

@@ -1,7 +1,8 @@
 """`yinggem`: YingGem-T1, a pre-norm decoder with causal sliding-window attention.
 
 Key j is visible to query i iff `0 <= i - j < window`. (The seed's mask cut only the lower edge
-of the band and left the future visible.) RoPE at absolute positions, RMSNorm, GeGLU feed-forward,
+of the band and left the future visible.) RoPE at absolute positions, RMSNorm, GeGLU feed-forward
+(`LeanGatedFeedForward`: two of its four hidden-wide activations recomputed in backward, not kept),
 untied LM head, and a rolling K/V cache of exactly `window` positions per layer, so decoding memory
 is constant and decoding can go on past `max_seq_len` (the training context only). The kernel
 (chunked banded SDPA, FlexAttention on CUDA) lives in `attention.py`.
@@ -10,7 +11,7 @@ is constant and decoding can go on past `max_seq_len` (the training context only
 from __future__ import annotations
 
 from efficia.models.attention import CausalSelfAttention
-from efficia.models.blocks import GeGLU, RMSNorm
+from efficia.models.blocks import LeanGatedFeedForward, RMSNorm
 from efficia.models.decoder import DecoderLM
 from efficia.models.registry import register
 
@@ -28,7 +29,7 @@ class YingGem(DecoderLM):
         super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
                          mixer=lambda _: CausalSelfAttention(d_model, n_head, n_kv_head, dropout, bias, rope_theta,
                                                              window=window),
-                         ffn=lambda: GeGLU(d_model, ffn_hidden, dropout=dropout),
+                         ffn=lambda: LeanGatedFeedForward(d_model, ffn_hidden, "gelu", dropout=dropout),
                          norm=lambda: RMSNorm(d_model, eps=norm_eps))
 
     def structure(self) -> dict[str, int]:
