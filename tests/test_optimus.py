@@ -100,9 +100,9 @@ def test_cache_holds_exactly_latent_and_rope_key_per_position_per_layer() -> Non
     assert model.cache_bytes(T) == model.n_layer * T * (d_c + d_r) * 4
 
 
-def mla_mixer(d_q: int | None = 14) -> MultiHeadLatentAttention:
+def mla_mixer(d_q: int | None = 14, dropout: float = 0.0) -> MultiHeadLatentAttention:
     """d 24, 3 heads of 8 (+4 RoPE), latent 10: widths that tell the tensors apart. Trained-like, float64."""
-    return randomise(MultiHeadLatentAttention(24, 3, 10, d_q, 4, 10000.0, 0.0, "absorbed", 1e-6)).double()
+    return randomise(MultiHeadLatentAttention(24, 3, 10, d_q, 4, 10000.0, dropout, "absorbed", 1e-6)).double()
 
 
 def reference_mla_training(mixer: MultiHeadLatentAttention, x: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -111,19 +111,29 @@ def reference_mla_training(mixer: MultiHeadLatentAttention, x: torch.Tensor, sta
     rope = Step(start, x.shape[1], x.device).rope(mixer.d_rope, mixer.rope_theta)
     q_c, q_r = mixer.query(x, rope)
     c_kv, k_r = mixer.kv(x, rope)
-    return mixer.out(mixer.heads.attend(q_c, q_r, c_kv, k_r, absorbed=False, is_causal=True))
+    dropout = mixer.dropout if mixer.training else 0.0
+    return mixer.out(mixer.heads.attend(q_c, q_r, c_kv, k_r, absorbed=False, is_causal=True, dropout=dropout))
 
 
-@pytest.mark.parametrize("d_q", [14, None])
+def seeded(fn):
+    """fn with the RNG reset first: both formulations draw the same dropout masks."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(7)
+        return fn(x)
+    return run
+
+
+@pytest.mark.parametrize(("d_q", "dropout"), [(14, 0.0), (None, 0.0), (14, 0.3)])
 @pytest.mark.parametrize("T", [1, 6, 33])
-def test_training_path_equals_the_previous_formulation(T: int, d_q: int | None) -> None:
+def test_training_path_equals_the_previous_formulation(T: int, d_q: int | None, dropout: float) -> None:
     """The recomputing training path gives the previous formulation's output and gradients (x and every
-    weight) on trained-like weights; cached calls over the same tokens (a prefill, then chunks) give its
-    output too."""
-    mixer = mla_mixer(d_q)
+    weight) on trained-like weights, with dropout too (the recomputed output projection redraws the same
+    mask); cached calls over the same tokens (a prefill, then chunks) give its output too."""
+    mixer = mla_mixer(d_q, dropout)
     x = torch.randn(2, T, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
-    assert_same_forward_and_grads(mixer, lambda xi: mixer(xi, Step(0, T, xi.device)),
-                                  lambda xi: reference_mla_training(mixer, xi), x)
+    assert_same_forward_and_grads(mixer, seeded(lambda xi: mixer(xi, Step(0, T, xi.device))),
+                                  seeded(lambda xi: reference_mla_training(mixer, xi)), x)
+    mixer.eval()
     with torch.no_grad():
         want = reference_mla_training(mixer, x)
         for cuts in ([0, T], [0, 1, T], [0, T // 2, T // 2 + 1, T]):
