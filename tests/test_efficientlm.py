@@ -16,6 +16,7 @@ from efficia.models import build_model
 from efficia.models.efficientlm import ChunkMerge, TemporalLatentAttention, stride_aware_attention, stride_aware_mask
 from efficia.models.optimus import MultiHeadLatentAttention
 from tests.conftest import EXTERNAL_TABLE, ROOT, TINY_VOCAB, build_tiny, write_external_table
+from tests.trained_like import assert_same_forward_and_grads, nbytes, saved_for_backward
 
 EXTERNAL = f"model.external.source={EXTERNAL_TABLE}"
 
@@ -95,6 +96,57 @@ def test_training_attention_equals_the_masked_formulation(s: int, T: int) -> Non
     c = mixer.merge.running_sums(c * mixer.merge.weights(c, 0), 0)
     got = stride_aware_attention(mixer.heads, q_c, q_r, c, k_r, s)
     torch.testing.assert_close(got, reference_stride_aware(mixer, x), atol=2e-5, rtol=2e-5)
+
+
+def reference_training(mixer: TemporalLatentAttention, x: torch.Tensor) -> torch.Tensor:
+    """The previous training call, kept as the reference: `reference_stride_aware` (s=1: the expanded causal
+    path) and the output projection, every intermediate kept for backward (no recomputation)."""
+    if mixer.merge is not None:
+        return mixer.out(reference_stride_aware(mixer, x))
+    from efficia.models.decoder import Step
+
+    rope = Step(0, x.shape[1], x.device).rope(mixer.rope_dim, mixer.rope_theta)
+    return mixer.out(mixer.heads.attend(*mixer.query(x, rope), *mixer.kv(x, rope), absorbed=False, is_causal=True))
+
+
+@pytest.mark.parametrize("s", [1, 2, 3, 4])
+@pytest.mark.parametrize("T", [1, 5, 16, 17])
+def test_training_call_equals_the_previous_formulation(s: int, T: int) -> None:
+    """The training call (projections and own values recomputed in backward) gives the masked formulation's
+    output and gradients (x and every weight) on trained-like weights, for partial last chunks and T < s;
+    cached calls over the same tokens (prefill, then chunks across chunk edges) give its output too."""
+    from efficia.models.decoder import Step
+
+    mixer = trained_like(TemporalLatentAttention(16, 2, 12, 8, 4, 6, s, 10000.0, 0.0, 1e-6), seed=s).double()
+    x = torch.randn(2, T, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+    assert_same_forward_and_grads(mixer, lambda xi: mixer(xi, Step(0, T, xi.device)),
+                                  lambda xi: reference_training(mixer, xi), x)
+    with torch.no_grad():
+        want = reference_training(mixer, x)
+        for cuts in ([0, T], [0, 1, T], [0, T // 2, T // 2 + 1, T]):
+            state = mixer.new_state(2, x.device, x.dtype)
+            got = torch.cat([mixer(x[:, a:b], Step(a, b - a, x.device), state)
+                             for a, b in zip(cuts, cuts[1:], strict=False) if b > a], dim=1)
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_training_keeps_only_the_attention_tensors_for_backward() -> None:
+    """Between forward and backward a training call keeps x and SDPA's tensors over the n = ceil(T/s) chunks
+    (queries [B,H·s,n,·], sink + slots [B,H,n,·], output, log-sum-exp): no latent, running sum, per-head
+    [B,H,T,·] key/value/query, own value or [B,T,H·Dv] copy, which the previous formulation kept."""
+    from efficia.models.decoder import Step
+
+    s, B, T = 3, 2, 40
+    n = -(-T // s)
+    mixer = trained_like(TemporalLatentAttention(16, 2, 12, 8, 4, 6, s, 10000.0, 0.0, 1e-6))
+    x = torch.randn(B, T, 16, requires_grad=True)
+    kept = saved_for_backward(mixer, x, Step(0, T, x.device))
+    own = {t.untyped_storage().data_ptr() for t in (x, *mixer.parameters())}
+    others = [tuple(t.shape) for t in kept
+              if t.untyped_storage().data_ptr() not in own and not (t.dim() >= 3 and t.shape[2] == n)]
+    assert not others, f"kept for backward besides x and the attention over {n} chunks: {others}"
+    previous = saved_for_backward(reference_training, mixer, x)
+    assert nbytes(kept) < nbytes(previous) / 2
 
 
 @pytest.mark.parametrize("s", [2, 3, 4])

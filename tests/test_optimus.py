@@ -12,9 +12,11 @@ from omegaconf import OmegaConf
 from efficia.config import compose_run
 from efficia.errors import ConfigError
 from efficia.models import build_model
+from efficia.models.decoder import Step
 from efficia.models.latent import LatentHeads, LatentState
 from efficia.models.optimus import MultiHeadLatentAttention
 from tests.conftest import ROOT, build_tiny
+from tests.trained_like import assert_same_forward_and_grads, nbytes, randomise, saved_for_backward
 
 VOCAB = 41
 
@@ -96,6 +98,67 @@ def test_cache_holds_exactly_latent_and_rope_key_per_position_per_layer() -> Non
         assert [tuple(t.shape) for t in held] == [(B, T, d_c), (B, T, d_r)]
         assert sum(t.numel() for t in held) == B * T * (d_c + d_r)
     assert model.cache_bytes(T) == model.n_layer * T * (d_c + d_r) * 4
+
+
+def mla_mixer(d_q: int | None = 14, dropout: float = 0.0) -> MultiHeadLatentAttention:
+    """d 24, 3 heads of 8 (+4 RoPE), latent 10: widths that tell the tensors apart. Trained-like, float64."""
+    return randomise(MultiHeadLatentAttention(24, 3, 10, d_q, 4, 10000.0, dropout, "absorbed", 1e-6)).double()
+
+
+def reference_mla_training(mixer: MultiHeadLatentAttention, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """The previous training formulation, kept as the reference: the latents, the joined [q_c | q_R] and
+    [k_h | k_R] and the [B,T,H·D] output copy all kept for backward (no recomputation)."""
+    rope = Step(start, x.shape[1], x.device).rope(mixer.d_rope, mixer.rope_theta)
+    q_c, q_r = mixer.query(x, rope)
+    c_kv, k_r = mixer.kv(x, rope)
+    dropout = mixer.dropout if mixer.training else 0.0
+    return mixer.out(mixer.heads.attend(q_c, q_r, c_kv, k_r, absorbed=False, is_causal=True, dropout=dropout))
+
+
+def seeded(fn):
+    """fn with the RNG reset first: both formulations draw the same dropout masks."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(7)
+        return fn(x)
+    return run
+
+
+@pytest.mark.parametrize(("d_q", "dropout"), [(14, 0.0), (None, 0.0), (14, 0.3)])
+@pytest.mark.parametrize("T", [1, 6, 33])
+def test_training_path_equals_the_previous_formulation(T: int, d_q: int | None, dropout: float) -> None:
+    """The recomputing training path gives the previous formulation's output and gradients (x and every
+    weight) on trained-like weights, with dropout too (the recomputed output projection redraws the same
+    mask); cached calls over the same tokens (a prefill, then chunks) give its output too."""
+    mixer = mla_mixer(d_q, dropout)
+    x = torch.randn(2, T, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+    assert_same_forward_and_grads(mixer, seeded(lambda xi: mixer(xi, Step(0, T, xi.device))),
+                                  seeded(lambda xi: reference_mla_training(mixer, xi)), x)
+    mixer.eval()
+    with torch.no_grad():
+        want = reference_mla_training(mixer, x)
+        for cuts in ([0, T], [0, 1, T], [0, T // 2, T // 2 + 1, T]):
+            state = mixer.new_state(2, x.device, x.dtype)
+            got = torch.cat([mixer(x[:, a:b], Step(a, b - a, x.device), state)
+                             for a, b in zip(cuts, cuts[1:], strict=False) if b > a], dim=1)
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_training_keeps_only_the_attention_tensors_for_backward() -> None:
+    """Between forward and backward a training call keeps its input x and SDPA's per-head tensors
+    ([B,H,T,·] and the log-sum-exp [B,H,T]), nothing of the latents' widths nor a [B,T,H·D] copy: those are
+    recomputed in backward. The previous formulation kept both."""
+    mixer = mla_mixer().float()
+    B, T, H = 2, 40, 3
+    x = torch.randn(B, T, 24, requires_grad=True)
+    step = Step(0, T, x.device)
+    kept = saved_for_backward(mixer, x, step)
+    previous = saved_for_backward(reference_mla_training, mixer, x)
+    per_head = [t for t in kept if t.shape[:3] == (B, H, T)]
+    own = {t.untyped_storage().data_ptr() for t in (x, *mixer.parameters())}
+    others = [tuple(t.shape) for t in kept if t.shape[:3] != (B, H, T) and t.untyped_storage().data_ptr() not in own]
+    assert not others, f"kept for backward besides x and SDPA's tensors: {others}"
+    assert nbytes(kept) < nbytes(previous) - B * T * (10 + 14 + 14) * 4  # the latents alone were that much
+    assert per_head
 
 
 def seed_sized(*overrides: str):

@@ -37,3 +37,40 @@ def randomise(model: nn.Module, seed: int = 0, gain: float = 2.0) -> nn.Module:
                 new = torch.randn(p.shape, generator=gen, dtype=torch.float64)
             p.copy_(new.to(p.dtype))
     return model
+
+
+def saved_for_backward(fn, *args) -> list[torch.Tensor]:
+    """Run fn(*args) and return one tensor per storage autograd keeps for backward (what training holds
+    between forward and backward); recomputed regions (torch.utils.checkpoint) show only their inputs."""
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.setdefault(t.untyped_storage().data_ptr(), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return list(kept.values())
+
+
+def nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+def assert_same_forward_and_grads(module: nn.Module, new, reference, x: torch.Tensor, tol: float = 1e-10) -> None:
+    """new(x) == reference(x), and so are the gradients of a random projection of the output with respect to
+    x and every parameter of `module` (float64 inputs: tol is relative to the largest entry)."""
+    def run(fn):
+        module.zero_grad(set_to_none=True)
+        xi = x.detach().clone().requires_grad_(True)
+        out = fn(xi)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        (out * weight).sum().backward()
+        return out.detach(), xi.grad, {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+
+    got, want = run(new), run(reference)
+    assert got[2].keys() == want[2].keys(), "the same parameters get gradients"
+    for name, a, b in [("output", got[0], want[0]), ("grad x", got[1], want[1]),
+                       *((f"grad {n}", got[2][n], want[2][n]) for n in want[2])]:
+        torch.testing.assert_close(a, b, atol=tol * max(b.abs().max().item(), 1.0), rtol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")

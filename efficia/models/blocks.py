@@ -209,16 +209,21 @@ def attend(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, scale: float |
                 enable_gqa=gqa)
 
 
-def attend_with_own_term(q: Tensor, k: Tensor, v: Tensor, own_score: Tensor, own_value: Tensor, *,
+def attend_with_own_term(q: Tensor, k: Tensor, v: Tensor, own_score: Tensor, own_value: Tensor | None, *,
                          is_causal: bool, scale: float, dropout: float = 0.0) -> Tensor:
     """One softmax over SDPA's keys k,v[B,Hkv,Tk,·] plus one more term per query, whose score own_score[B,H,Tq]
     (already scaled) and value own_value[B,H,Tq,Dv] differ per query (an own running sum, or a whole
     attention result folded in as its log-sum-exp and output). Exact, and still one fused SDPA call: the own
     term enters as a sink key at index 0, [0..0, 1], met by an extra query feature own_score/scale, with value
     [0..0, 1]; the last output column is then the own term's softmax weight p, and the result is
-    out[:Dv] + p·own_value. is_causal: query i sees sink + keys 0..i-1 (Tq == Tk + 1); else every key."""
+    out[:Dv] + p·own_value. is_causal: query i sees sink + keys 0..i-1 (Tq == Tk + 1); else every key.
+    own_value None: return out [B,H,Tq,Dv+1] itself (p last), for a caller that adds p·own_value where it
+    can recompute own_value in backward instead of keeping it (efficientlm's training path)."""
     k, v = with_sink(k, v)
-    return attend_sink(q, k, v, own_score, own_value, is_causal=is_causal, scale=scale, dropout=dropout)
+    if own_value is not None:
+        return attend_sink(q, k, v, own_score, own_value, is_causal=is_causal, scale=scale, dropout=dropout)
+    q = torch.cat((q, (own_score / scale).unsqueeze(-1).to(q.dtype)), dim=-1)  # [B, H, Tq, Dq + 1]
+    return sdpa(q, k, v, is_causal=is_causal, scale=scale, dropout_p=dropout, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def with_sink(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

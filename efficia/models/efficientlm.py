@@ -37,13 +37,14 @@ from torch import Tensor, nn
 from efficia.models.blocks import (
     RMSNorm,
     SwiGLU,
+    attend,
     attend_with_own_term,
     init_weights,
     mark_keep_float,
     require,
 )
 from efficia.models.decoder import DecoderLM, Mixer, Step
-from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
+from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState, recompute_in_backward
 from efficia.models.registry import register
 
 
@@ -116,24 +117,50 @@ def stride_aware_attention(heads: LatentHeads, q_c: Tensor, q_r: Tensor, c: Tens
                         the same softmax as the sink (`attend_with_own_term`).
 
     Per-head work is T·T/(2s) scores instead of the mask's T·T. -> [B, H, T, Dv]."""
-    B, H, T, _ = q_c.shape
-    s = down_rate
+    y = stride_aware_core(*stride_aware_inputs(heads, q_c, q_r, c, k_r, down_rate), dropout)  # [B, H·s, n, Dv+1]
+    y = add_own_term(y, by_offset(heads.values(c), down_rate))
+    return stride_aware_output(y, q_c.shape[2], down_rate)
+
+
+def by_offset(t: Tensor, down_rate: int) -> Tensor:
+    """[B, H, T, ·] or [B, H, T] -> [B, H·s, n, ·]: in-chunk offset r becomes a head (n = ceil(T/s) chunks, the
+    queries of a partial last chunk padded to a whole one)."""
+    T, s = t.shape[2], down_rate
+    n = -(-T // s)
+    t = F.pad(t, (0, 0, 0, n * s - T)) if t.dim() == 4 else F.pad(t, (0, n * s - T))
+    return t.unflatten(2, (n, s)).transpose(2, 3).flatten(1, 2)
+
+
+def stride_aware_inputs(heads: LatentHeads, q_c: Tensor, q_r: Tensor, c: Tensor, k_r: Tensor,
+                        down_rate: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What `stride_aware_core` attends with, in-chunk offsets as heads (see `stride_aware_attention`):
+    queries [B,H·s,n,D+d_R], slot keys [B,H,n-1,D+d_R] and values [B,H,n-1,Dv], and each query's score
+    against its own running sum [B,H·s,n] (scaled). Cheap next to the attention: training recomputes them in
+    backward (`recompute_in_backward`) instead of keeping their per-head [T, ·] intermediates."""
+    T, s = q_c.shape[2], down_rate
     scale = 1.0 / math.sqrt(q_c.shape[-1] + q_r.shape[-1])
-    k, v = heads.expand(c)  # [B, H, T, D], [B, H, T, Dv]: every running sum's key and value
-    q = torch.cat((q_c, q_r), dim=-1)  # [B, H, T, D + d_R]
-    k = torch.cat((k, k_r.unsqueeze(1).expand(B, H, T, k_r.shape[-1])), dim=-1)  # [B, H, T, D + d_R]
+    q, k, v = heads.expanded_qkv(q_c, q_r, c, k_r)  # every running sum's key and value, per head
     own = (q * k).sum(-1) * scale  # [B, H, T]: each query against its own running sum
     n = -(-T // s)  # chunks
     slots_k, slots_v = k[:, :, s - 1::s][:, :, :n - 1], v[:, :, s - 1::s][:, :, :n - 1]  # [B, H, n-1, ·]
-    pad = n * s - T  # queries of a partial last chunk are padded to a whole one, then dropped
+    return by_offset(q, s), slots_k, slots_v, by_offset(own, s)
 
-    def by_offset(t: Tensor) -> Tensor:  # [B, H, T, ·] -> [B, H·s, n, ·]: in-chunk offset r becomes a head
-        t = F.pad(t, (0, 0, 0, pad)) if t.dim() == 4 else F.pad(t, (0, pad))
-        return t.unflatten(2, (n, s)).transpose(2, 3).flatten(1, 2)
 
-    y = attend_with_own_term(by_offset(q), slots_k, slots_v, by_offset(own), by_offset(v), is_causal=True,
-                             scale=scale, dropout=dropout)  # [B, H·s, n, Dv]
-    return y.unflatten(1, (H, s)).transpose(2, 3).flatten(2, 3)[:, :, :T]  # [B, H, T, Dv]
+def stride_aware_core(q: Tensor, slots_k: Tensor, slots_v: Tensor, own: Tensor, dropout: float = 0.0) -> Tensor:
+    """One causal SDPA over [sink, slots] with the own score folded in -> [B, H·s, n, Dv + 1]: the slots'
+    share of the output, then the weight p of the own running sum (`attend_with_own_term`, own_value None)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return attend_with_own_term(q, slots_k, slots_v, own, None, is_causal=True, scale=scale, dropout=dropout)
+
+
+def add_own_term(y: Tensor, own_value: Tensor) -> Tensor:
+    """[slots' output | p] [B,H·s,n,Dv+1] and own values [B,H·s,n,Dv] -> output + p·own value [B,H·s,n,Dv]."""
+    return y[..., :-1] + y[..., -1:] * own_value
+
+
+def stride_aware_output(y: Tensor, length: int, down_rate: int) -> Tensor:
+    """[B, H·s, n, Dv] (in-chunk offsets as heads) -> [B, H, T, Dv] in position order, padding dropped."""
+    return y.unflatten(1, (-1, down_rate)).transpose(2, 3).flatten(2, 3)[:, :, :length]
 
 
 class SlotState:
@@ -206,26 +233,52 @@ class TemporalLatentAttention(Mixer):
         B, T, _ = x.shape
         start = step.start
         rope = step.rope(self.rope_dim, self.rope_theta)
-        q_c, q_r = self.query(x, rope)  # [B, H, T, D], [B, H, T, d_R]
-        c, k_r = self.kv(x, rope)  # [B, T, r], [B, T, d_R]
-        if self.merge is not None:
-            carry = state.carry(start) if state is not None else None
-            c = self.merge.running_sums(c * self.merge.weights(c, start), start, carry)  # [B, T, r]
         dropout = self.dropout if self.training else 0.0
-        if state is None and self.merge is None:
-            y = self.heads.attend(q_c, q_r, c, k_r, absorbed=False, is_causal=True, dropout=dropout)
-        elif state is None:
+        if state is None:  # training: the projections are recomputed in backward, only attention's inputs kept
             require(start % self.down_rate == 0, "efficientlm: a forward without a cache starts at a chunk "
                     f"boundary, got start {start}; pass a state to continue a chunk")
-            y = stride_aware_attention(self.heads, q_c, q_r, c, k_r, self.down_rate, dropout)
-        else:
-            prev_c, prev_r = state.complete(start)  # slots of the chunks finished before this call
-            state.store(c, k_r, start)
-            mask = stride_aware_mask(start, T, prev_c.shape[1], self.down_rate, x.device) if T > 1 else None
-            c = torch.cat((prev_c.to(c.dtype), c), dim=1)  # [B, n_prev + T, r]
-            k_r = torch.cat((prev_r.to(k_r.dtype), k_r), dim=1)  # [B, n_prev + T, d_R]
-            y = self.heads.attend(q_c, q_r, c, k_r, absorbed=True, mask=mask, dropout=dropout)
+            inputs = recompute_in_backward(self.training_inputs, x, rope, start)
+            if self.merge is None:  # s=1: plain MLA-style causal attention
+                y = attend(*inputs, dropout, scale=1.0 / math.sqrt(inputs[0].shape[-1]))  # [B, H, T, Dv]
+                return recompute_in_backward(self.out, y)  # [B, T, C]
+            y = stride_aware_core(*inputs, dropout)  # [B, H·s, n, Dv + 1]: kept by SDPA for its backward anyway
+            return recompute_in_backward(self.finish, y, x, rope, start)  # [B, T, C]
+        q_c, q_r, c, k_r = self.latents(x, rope, start, state.carry(start))
+        prev_c, prev_r = state.complete(start)  # slots of the chunks finished before this call
+        state.store(c, k_r, start)
+        mask = stride_aware_mask(start, T, prev_c.shape[1], self.down_rate, x.device) if T > 1 else None
+        c = torch.cat((prev_c.to(c.dtype), c), dim=1)  # [B, n_prev + T, r]
+        k_r = torch.cat((prev_r.to(k_r.dtype), k_r), dim=1)  # [B, n_prev + T, d_R]
+        y = self.heads.attend(q_c, q_r, c, k_r, absorbed=True, mask=mask, dropout=dropout)
         return self.out(y)  # [B, H, T, Dv] -> [B, T, C]
+
+    def latents(self, x: Tensor, rope: tuple[Tensor, Tensor], start: int,
+                carry: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q_c [B,H,T,D], q_R [B,H,T,d_R], the running sums c [B,T,r] (continuing `carry`) and k_R [B,T,d_R]."""
+        return *self.query(x, rope), *self.running(x, rope, start, carry)
+
+    def running(self, x: Tensor, rope: tuple[Tensor, Tensor], start: int,
+                carry: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The running sums c [B,T,r] (the latents themselves at s=1) and k_R [B,T,d_R]."""
+        c, k_r = self.kv(x, rope)
+        if self.merge is not None:
+            c = self.merge.running_sums(c * self.merge.weights(c, start), start, carry)
+        return c, k_r
+
+    def finish(self, y: Tensor, x: Tensor, rope: tuple[Tensor, Tensor], start: int) -> Tensor:
+        """`stride_aware_core`'s [slots' output | p] -> the residual branch [B,T,C]: p·own value added (the own
+        values from x again), positions back in order, output projection. Training recomputes it in backward
+        from y (kept by SDPA) and x (kept by `training_inputs`'s recomputation): nothing of its own is kept."""
+        c, _ = self.running(x, rope, start)
+        y = add_own_term(y, by_offset(self.heads.values(c), self.down_rate))  # [B, H·s, n, Dv]
+        return self.out(stride_aware_output(y, x.shape[1], self.down_rate))  # [B, H, T, Dv] -> [B, T, C]
+
+    def training_inputs(self, x: Tensor, rope: tuple[Tensor, Tensor], start: int) -> tuple[Tensor, ...]:
+        """x -> what training attends with: q, k, v (s=1) or `stride_aware_inputs`."""
+        q_c, q_r, c, k_r = self.latents(x, rope, start)
+        if self.merge is None:
+            return self.heads.expanded_qkv(q_c, q_r, c, k_r)
+        return stride_aware_inputs(self.heads, q_c, q_r, c, k_r, self.down_rate)
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SlotState:
         return SlotState(batch_size, self.rank, self.rope_dim, self.down_rate, device, dtype)

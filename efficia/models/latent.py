@@ -36,13 +36,17 @@ RoPE part (then q_R and k_R are None everywhere).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from efficia.models.blocks import RMSNorm, apply_rope, attend, causal_mask, mark_keep_float, require, sdpa
 
 Rope = tuple[Tensor, Tensor] | None
+T_out = TypeVar("T_out")
 
 
 class LatentQuery(nn.Module):
@@ -116,20 +120,31 @@ class LatentHeads(nn.Module):
         """Per-head content keys [B,H,S,D] and values [B,H,S,Dv] from latents c_kv[B,S,d_c]."""
         B, S, _ = c_kv.shape
         k = self.uk(c_kv).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, S, D]
-        v = self.uv(c_kv).view(B, S, self.n_head, self.v_head_dim).transpose(1, 2)  # [B, H, S, Dv]
-        return k, v
+        return k, self.values(c_kv)
+
+    def values(self, c_kv: Tensor) -> Tensor:
+        """Per-head values [B,H,S,Dv] from latents c_kv[B,S,d_c]."""
+        B, S, _ = c_kv.shape
+        return self.uv(c_kv).view(B, S, self.n_head, self.v_head_dim).transpose(1, 2)  # [B, H, S, Dv]
+
+    def expanded_qkv(self, q_c: Tensor, q_r: Tensor | None, c_kv: Tensor,
+                     k_r: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-head SDPA inputs: q = [q_c | q_R] [B,H,T,D+d_R], k = [k_h | k_R] [B,H,S,D+d_R] (the shared
+        RoPE key repeated per head) and v [B,H,S,Dv]."""
+        k, v = self.expand(c_kv)  # [B, H, S, D], [B, H, S, Dv]
+        if q_r is None:
+            return q_c, k, v
+        B, H, S = k.shape[0], k.shape[1], k.shape[2]
+        q = torch.cat((q_c, q_r), dim=-1)  # [B, H, T, D + d_R]
+        k = torch.cat((k, k_r.unsqueeze(1).expand(B, H, S, k_r.shape[-1])), dim=-1)  # [B, H, S, D + d_R]
+        return q, k, v
 
     def expanded(self, q_c: Tensor, q_r: Tensor | None, c_kv: Tensor, k_r: Tensor | None, *,
                  mask: Tensor | None = None, is_causal: bool = False, scale: float | None = None,
                  dropout: float = 0.0) -> Tensor:
         """Attention output [B,H,T,Dv] with K/V materialised per head (see `attend` for arguments)."""
         scale = _scale(q_c, q_r, scale)
-        k, v = self.expand(c_kv)  # [B, H, S, D], [B, H, S, Dv]
-        q = q_c
-        if q_r is not None:
-            B, H, S = k.shape[0], k.shape[1], k.shape[2]
-            q = torch.cat((q_c, q_r), dim=-1)  # [B, H, T, D + d_R]
-            k = torch.cat((k, k_r.unsqueeze(1).expand(B, H, S, k_r.shape[-1])), dim=-1)  # [B, H, S, D + d_R]
+        q, k, v = self.expanded_qkv(q_c, q_r, c_kv, k_r)
         if mask is None and is_causal:
             return attend(q, k, v, dropout, scale=scale)  # bottom-right aligned causal SDPA
         return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
@@ -185,6 +200,20 @@ class LatentHeads(nn.Module):
         require(mask is None or not is_causal, "give either a mask or is_causal, not both")
         path = self.absorbed if absorbed else self.expanded
         return path(q_c, q_r, c_kv, k_r, mask=mask, is_causal=is_causal, scale=scale, dropout=dropout)
+
+
+def recompute_in_backward(fn: Callable[..., T_out], *args: Any) -> T_out:
+    """fn(*args), keeping for backward only what fn's outputs' consumers keep, plus args: everything fn
+    computed in between is recomputed in backward (non-reentrant `checkpoint`; exact, the same ops again).
+
+    Why: the latent projections are cheap (O(T·d·d_c)) next to attention (O(T²)), but autograd kept each
+    of their [T, ·] intermediates (the latent before and after its norm, the query latent, the per-head
+    keys and the [q_c | q_R] / [k_h | k_R] concatenations) per layer: at T = 8192, scale=small, about 12 MiB
+    (optimus) and 23 MiB (efficientlm) a layer, and the [B,T,H·Dv] copy the output projection keeps (4 MiB)
+    when its input is SDPA's output, which SDPA keeps anyway. Under no_grad (decoding) fn just runs."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 def _scale(q_c: Tensor, q_r: Tensor | None, scale: float | None) -> float:

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from efficia.models.attention import CausalSelfAttention
-from efficia.models.blocks import RMSNorm, SwiGLU, check_heads, require
+from efficia.models.blocks import RMSNorm, SwiGLU, attend, check_heads, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
-from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
+from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState, recompute_in_backward
 from efficia.models.registry import register
 
 
@@ -43,17 +43,21 @@ class MultiHeadLatentAttention(Mixer):
         self.add_output(d_model, d_model, dropout)
 
     def forward(self, x: Tensor, step: Step, state: LatentState | None = None) -> Tensor:
-        B, T, C = x.shape
         rope = step.rope(self.d_rope, self.rope_theta)  # absolute positions step.start .. start+T-1
-        q_c, q_r = self.query(x, rope)  # [B, H, T, D], [B, H, T, d_R]
-        c_kv, k_r = self.kv(x, rope)  # [B, T, d_c], [B, T, d_R]: all the cache keeps
-        absorbed = False
-        if state is not None:
-            c_kv, k_r = state.update(c_kv, k_r)  # [B, S, d_c], [B, S, d_R] for every position so far
-            absorbed = self.absorbed_decoding
         dropout = self.dropout if self.training else 0.0
-        y = self.heads.attend(q_c, q_r, c_kv, k_r, absorbed=absorbed, is_causal=True, dropout=dropout)  # [B,H,T,D]
+        if state is None:  # training: the projections are recomputed in backward, only SDPA's tensors are kept
+            q, k, v = recompute_in_backward(self.project, x, rope)  # [B,H,T,D+d_R] x2, [B,H,T,D]
+            y = attend(q, k, v, dropout, scale=(self.head_dim + self.d_rope) ** -0.5)  # [B, H, T, D]
+            return recompute_in_backward(self.out, y)  # y is kept by SDPA anyway; its [B,T,H·D] copy is not
+        q_c, q_r = self.query(x, rope)  # [B, H, T, D], [B, H, T, d_R]
+        c_kv, k_r = state.update(*self.kv(x, rope))  # [B, S, d_c], [B, S, d_R]: all the cache keeps, so far
+        y = self.heads.attend(q_c, q_r, c_kv, k_r, absorbed=self.absorbed_decoding, is_causal=True,
+                              dropout=dropout)  # [B, H, T, D]
         return self.out(y)  # [B, H, T, D] -> [B, T, C]
+
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """x -> the expanded path's SDPA inputs q, k, v (per-head K/V from the latent, RoPE parts joined)."""
+        return self.heads.expanded_qkv(*self.query(x, rope), *self.kv(x, rope))
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LatentState:
         return LatentState(batch_size, self.d_c, self.d_rope, device, dtype)
