@@ -2,22 +2,28 @@
 
 The sequence is cut into segments of `segment` tokens (segment s = positions s·W .. s·W+W-1, W = segment);
 the LCP's sliding window is the segment length too.
-One mixer per block holds the four stages; the block adds a SwiGLU after it:
+One mixer per block holds the four stages, one small module each with its own slice of the decoding state;
+the block adds a SwiGLU after it:
 
-    x ─┬─ causal depthwise conv ─ q,k,v ─ LCP: sliding-window linear attention (elu+1) ── lcp ─┐
-       ├─ q ─ GMG: softmax over [n_persistent slots | summaries of segments s-mem_size..s-1]   │
-       │       · sigmoid gate ─────────────────────────────────────────────────────────── gmg ─┼─ FF: per-position
-       └─ CCU: GRU state after segment s-1 (one GRUCell step per completed segment) ── ccu ────┘  softmax gate -> proj
-    completed segment ── learned attention pooling ── summary ─┬─ compress ─ memory key/value (FIFO)
-                                                               └─ compress ─ GRUCell input
+    x ─┬─ LocalAttention: causal depthwise conv ─ q,k,v ─ sliding-window linear attention (elu+1) ─ lcp ─┐
+       ├─ GlobalMemory: q ─ softmax over [n_persistent slots | summaries of segments s-mem_size..s-1]  │
+       │       · sigmoid gate ──────────────────────────────────────────────────────────────── gmg ─┼─ fusion
+       └─ Recurrence: GRU state after segment s-1 (one GRU step per completed segment) ─────── ccu ─┘  (mixer)
+    completed segment ── SegmentSummary: attention pooling, compress ─┬─ GlobalMemory: key/value (FIFO)
+                                                                      └─ Recurrence: GRU input
+
+Fusion is the mixer's own forward: a per-position softmax over the three streams, then the output projection.
 
 The seed leaked twice: its window linear attention was not causal inside a window and its CCU pooled
 the whole sequence and broadcast it. Here a token at position i sees keys i-W+1..i in the LCP, and
 only summaries of segments that ended before its own segment began in the GMG and the CCU.
 
-Decoding state per layer (`EfficiaState`), constant in T once full: the conv's last inputs, the
-LCP's features of the last `window` positions, the running pooling sums of the partial segment,
-the FIFO of at most `mem_size` memory keys/values, and the GRU state.
+Each stage runs one code path for training and decoding: it reads its state slice (None in training:
+the initial values), computes over the call's tokens, and writes the slice back when there is one.
+Decoding state per layer (`EfficiaState`), constant in T once full: the conv's last inputs and the LCP's
+features of the last `window` positions (`LocalState`), the running pooling sums of the partial segment
+(`PoolState`), the FIFO of at most `mem_size` memory keys/values (`MemoryState`), the GRU state
+(`RecurrentState`).
 """
 
 from __future__ import annotations
@@ -70,100 +76,76 @@ def window_linear_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Ten
     return out.reshape(B, H, n * W, D)[..., :q_len, :]
 
 
-class EfficiaState:
-    """One layer's decoding state. Sizes are fixed from the start except the LCP ring (grows to
-    `window` positions) and the FIFO (grows to `mem_size` entries): O(window + mem_size), not O(T)."""
+class LocalState:
+    """LCP: the conv's last `conv_size - 1` inputs and a ring of phi(k), v over the last `window` positions."""
 
-    def __init__(self, mixer: EfficiaMixer, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        B, C = batch_size, mixer.d_model
-        H, D = mixer.n_head, mixer.head_dim
-        self.conv = torch.zeros(B, mixer.conv_size - 1, C, device=device, dtype=dtype)  # last conv inputs
-        self.ring = RingKVState(mixer.window, B, H, D, device, dtype)  # phi(k), v of the last W positions
-        self.pool_max = torch.full((B,), float("-inf"), device=device, dtype=dtype)  # partial segment:
-        self.pool_sum = torch.zeros(B, C, device=device, dtype=dtype)  # online-softmax pooling sums
-        self.pool_norm = torch.zeros(B, device=device, dtype=dtype)
-        self.mem_k = torch.zeros(B, H, 0, D, device=device, dtype=dtype)  # FIFO, oldest first
-        self.mem_v = torch.zeros_like(self.mem_k)
-        self.gru = mixer.h0.detach().to(device=device, dtype=dtype).expand(B, -1).clone()  # [B, Cc]
+    def __init__(self, stage: LocalAttention, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        B, C, H, D = batch_size, stage.d_model, stage.n_head, stage.head_dim
+        self.conv = torch.zeros(B, stage.conv_size - 1, C, device=device, dtype=dtype)
+        self.ring = RingKVState(stage.window, B, H, D, device, dtype)
 
 
-class EfficiaMixer(Mixer):
-    """LCP -> GMG -> CCU -> FF over one call's tokens (a whole sequence, or a cached continuation)."""
+class LocalAttention(nn.Module):
+    """LCP: causal depthwise conv (its positional information), then sliding-window linear attention."""
 
-    def __init__(self, d_model: int, n_head: int, segment: int, mem_size: int, n_persistent: int,
-                 compressed_dim: int, conv_size: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_head: int, window: int, conv_size: int) -> None:
         super().__init__()
-        check_heads(d_model, n_head)
-        for key, value in (("segment", segment), ("mem_size", mem_size), ("n_persistent", n_persistent),
-                           ("compressed_dim", compressed_dim), ("conv_size", conv_size)):
-            require(value >= 1, f"model=efficia: {key} must be >= 1, got {value}; set model.{key}")
-        C, Cc = d_model, compressed_dim
+        C = d_model
         self.d_model, self.n_head, self.head_dim = C, n_head, C // n_head
-        self.window, self.mem_size, self.conv_size = segment, mem_size, conv_size  # window: the LCP band = segment
+        self.window, self.conv_size = window, conv_size
         self.conv = nn.Parameter(torch.randn(C, 1, conv_size) / conv_size ** 0.5)  # depthwise, causal
-        self.lcp_qkv = nn.Linear(C, 3 * C, bias=False)
-        self.gmg_qg = nn.Linear(C, 2 * C, bias=False)  # GMG query and gate
-        self.persistent = nn.Parameter(torch.randn(n_persistent, Cc) * 0.02)  # learned memory slots
-        self.mem_kv = nn.Linear(Cc, 2 * C, bias=False)  # a slot or summary -> memory key, value
-        self.pool = nn.Parameter(torch.zeros(C))  # attention-pooling scores x·pool (zero: mean at init)
-        self.compress = nn.Linear(C, Cc, bias=False)
-        self.gru = nn.GRUCell(Cc, Cc)
-        self.h0 = nn.Parameter(torch.zeros(Cc))  # learned initial CCU state (read by segment 0)
-        self.ccu_out = nn.Linear(Cc, C, bias=False)
-        self.fuse = nn.Linear(C, 3, bias=False)  # FF: per-position logits over (lcp, gmg, ccu)
-        self.add_output(C, C, dropout)
+        self.qkv = nn.Linear(C, 3 * C, bias=False)
 
-    def forward(self, x: Tensor, step: Step, state: EfficiaState | None = None) -> Tensor:
-        B, T, C = x.shape
-        W = self.window
-        offset = step.start % W  # tokens of the current segment before this call
-        lcp = self.local(x, step, state)
-        summaries = self.summarise(x, offset, state)  # [B, n_new, Cc]: segments completed in this call
-        gmg = self.memory(x, summaries, offset, state)
-        ccu = self.recurrent(summaries, offset, T, state)
-        # FF: softmax over the three streams at every position
-        w = torch.softmax(self.fuse(x), dim=-1)  # [B, T, 3]
-        fused = w[..., :1] * lcp + w[..., 1:2] * gmg + w[..., 2:] * ccu
-        return self.out(fused)
+    def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LocalState:
+        return LocalState(self, batch_size, device, dtype)
 
-    def recurrent(self, summaries: Tensor, offset: int, T: int, state: EfficiaState | None) -> Tensor:
-        """CCU: one GRUCell step per completed segment (a loop over segments, never over tokens);
-        the tokens of segment s read the state after segment s-1 -> [B, T, C]."""
-        B = summaries.shape[0]
-        # a copy, not a view of the parameter: under no_grad a view still "requires grad" without a grad_fn,
-        # which breaks autograd hooks such as the FLOP counter in Lightning's model summary
-        h = state.gru.to(summaries.dtype) if state is not None else self.h0.to(summaries.dtype).repeat(B, 1)
-        states = [h]  # states[j]: after segment s0 + j - 1
-        for j in range(summaries.shape[1]):
-            states.append(self.gru(summaries[:, j], states[-1]))
-        if state is not None:
-            state.gru = states[-1].detach().to(state.gru.dtype, copy=True)
-        seg = (offset + torch.arange(T, device=summaries.device)) // self.window  # [T]: segment - s0
-        return self.ccu_out(torch.stack(states, dim=1))[:, seg]  # [B, T, C]
+    def state_numbers(self, seq_len: int) -> int:
+        return (self.conv_size - 1) * self.d_model + 2 * self.d_model * min(seq_len, self.window)
 
-    def local(self, x: Tensor, step: Step, state: EfficiaState | None) -> Tensor:
-        """LCP: causal depthwise conv (positions), then sliding-window linear attention."""
+    def forward(self, x: Tensor, step: Step, state: LocalState | None = None) -> Tensor:
         B, T, C = x.shape
         H, D, K = self.n_head, self.head_dim, self.conv_size
         past = state.conv.to(x.dtype) if state is not None else x.new_zeros(B, K - 1, C)
         xp = torch.cat((past, x), dim=1)  # [B, K-1+T, C]
-        if state is not None and K > 1:
-            state.conv = xp[:, -(K - 1):].detach().to(state.conv.dtype, copy=True)
-        if T == 1:  # decoding: a weighted sum of the last K inputs (conv1d's setup costs more)
-            xc = (xp * self.conv[:, 0].t().to(x.dtype)).sum(dim=1, keepdim=True)  # [B, 1, C]
-        else:
-            xc = F.conv1d(xp.transpose(1, 2), self.conv.to(x.dtype), groups=C).transpose(1, 2)  # [B, T, C]
-        q, k, v = self.lcp_qkv(xc).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
+        xc = F.conv1d(xp.transpose(1, 2), self.conv.to(x.dtype), groups=C).transpose(1, 2)  # [B, T, C]
+        q, k, v = self.qkv(xc).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
         q, k = feature_map(q), feature_map(k)
         if state is not None:
-            k, v = state.ring.update(k, v, step.start)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            state.conv = xp[:, T:].detach().to(state.conv.dtype, copy=True)  # the last K-1 inputs
+            k, v = (t.to(q.dtype) for t in state.ring.update(k, v, step.start))
         y = window_linear_attention(q, k, v, self.window)  # [B, H, T, D]
-        return y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        return y.transpose(1, 2).reshape(B, T, C)
 
-    def summarise(self, x: Tensor, offset: int, state: EfficiaState | None) -> Tensor:
-        """Learned attention pooling of every segment completed in this call -> [B, n_new, Cc].
-        The partial segment's running (max, sum, norm) carry over in the state (online softmax)."""
+
+class PoolState:
+    """The partial segment's online-softmax pooling sums (running max, weighted sum, normaliser)."""
+
+    def __init__(self, stage: SegmentSummary, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        B, C = batch_size, stage.pool.numel()
+        self.max = torch.full((B,), float("-inf"), device=device, dtype=dtype)
+        self.sum = torch.zeros(B, C, device=device, dtype=dtype)
+        self.norm = torch.zeros(B, device=device, dtype=dtype)
+
+
+class SegmentSummary(nn.Module):
+    """Learned attention pooling of every segment completed in a call, compressed to `compressed_dim`:
+    what the memory FIFO stores and the GRU reads."""
+
+    def __init__(self, d_model: int, compressed_dim: int, window: int) -> None:
+        super().__init__()
+        self.window = window
+        self.pool = nn.Parameter(torch.zeros(d_model))  # attention-pooling scores x·pool (zero: mean at init)
+        self.compress = nn.Linear(d_model, compressed_dim, bias=False)
+
+    def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> PoolState:
+        return PoolState(self, batch_size, device, dtype)
+
+    def state_numbers(self, seq_len: int) -> int:
+        return self.pool.numel() + 2
+
+    def forward(self, x: Tensor, offset: int, state: PoolState | None = None) -> Tensor:
+        """x[B,T,C], `offset` tokens of the first segment before this call -> [B, n_new, Cc]. The running
+        sums of a partial first segment fold in (online softmax); with no state they are the empty sums."""
         B, T, C = x.shape
         W = self.window
         n = -(-(offset + T) // W)  # segments this call touches
@@ -171,53 +153,75 @@ class EfficiaMixer(Mixer):
         pad = (offset, n * W - offset - T)
         acc = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (a float64 model stays float64)
         xf = x.to(acc)
+        held = state if state is not None else self.new_state(B, x.device, acc)  # training: the empty sums
+        max0, sum0, norm0 = held.max.to(acc), held.sum.to(acc), held.norm.to(acc)  # [B], [B, C], [B]
         score = F.pad(xf @ self.pool.to(acc), pad, value=float("-inf")).view(B, n, W)  # [B, n, W]
         xs = F.pad(xf, (0, 0, *pad)).view(B, n, W, C)  # [B, n, W, C]
         top = score.amax(dim=-1)  # [B, n], finite: every segment holds a token of this call
-        if state is not None:  # fold the cached part of the first segment in
-            top = torch.cat((torch.maximum(top[:, :1], state.pool_max.to(acc)[:, None]), top[:, 1:]), dim=1)
+        top = torch.cat((torch.maximum(top[:, :1], max0[:, None]), top[:, 1:]), dim=1)
         weight = torch.exp(score - top[..., None])  # [B, n, W]
+        carry = torch.exp(max0 - top[:, 0])  # [B]: rescales the held sums of the first segment (0 if empty)
         total = torch.einsum("bnw,bnwc->bnc", weight, xs)  # [B, n, C]
+        total = torch.cat((total[:, :1] + (carry[:, None] * sum0)[:, None], total[:, 1:]), dim=1)
         norm = weight.sum(dim=-1)  # [B, n]
-        if state is not None:
-            carry = torch.exp(state.pool_max.to(acc) - top[:, 0])  # [B]
-            first_total = total[:, :1] + (carry[:, None] * state.pool_sum.to(acc))[:, None]
-            first_norm = norm[:, :1] + (carry * state.pool_norm.to(acc))[:, None]
-            total, norm = torch.cat((first_total, total[:, 1:]), 1), torch.cat((first_norm, norm[:, 1:]), 1)
-            dtype = state.pool_sum.dtype
-            if n > n_new:  # a partial segment remains
-                state.pool_max = top[:, -1].to(dtype, copy=True)
-                state.pool_sum = total[:, -1].to(dtype, copy=True)
-                state.pool_norm = norm[:, -1].to(dtype, copy=True)
-            else:
-                state.pool_max = torch.full_like(state.pool_max, float("-inf"))
-                state.pool_sum, state.pool_norm = torch.zeros_like(state.pool_sum), torch.zeros_like(state.pool_norm)
+        norm = torch.cat((norm[:, :1] + (carry * norm0)[:, None], norm[:, 1:]), dim=1)
+        if state is not None:  # what carries over: a partial last segment's sums, else the empty sums
+            partial, dtype = n > n_new, state.sum.dtype
+            state.max = top[:, -1].to(dtype, copy=True) if partial else torch.full_like(state.max, float("-inf"))
+            state.sum = total[:, -1].to(dtype, copy=True) if partial else torch.zeros_like(state.sum)
+            state.norm = norm[:, -1].to(dtype, copy=True) if partial else torch.zeros_like(state.norm)
         pooled = total[:, :n_new] / norm[:, :n_new, None]  # [B, n_new, C]
         return self.compress(pooled.to(x.dtype))
 
-    def memory(self, x: Tensor, summaries: Tensor, offset: int, state: EfficiaState | None) -> Tensor:
-        """GMG: each token attends over the persistent slots and the memory of the (at most mem_size)
-        segments completed before its own, computed per query segment: O(T·(n_persistent + mem_size))."""
+
+class MemoryState:
+    """GMG: the FIFO of at most `mem_size` memory keys/values [B, H, n, D], oldest first."""
+
+    def __init__(self, stage: GlobalMemory, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(batch_size, stage.n_head, 0, stage.head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+
+class GlobalMemory(nn.Module):
+    """GMG: each token attends over the persistent slots and the memory of the (at most mem_size) segments
+    completed before its own, O(T·(n_persistent + mem_size)); a sigmoid gate scales what it reads."""
+
+    def __init__(self, d_model: int, n_head: int, compressed_dim: int, n_persistent: int, window: int,
+                 mem_size: int) -> None:
+        super().__init__()
+        C = d_model
+        self.n_head, self.head_dim, self.window, self.mem_size = n_head, C // n_head, window, mem_size
+        self.qg = nn.Linear(C, 2 * C, bias=False)  # query and gate
+        self.persistent = nn.Parameter(torch.randn(n_persistent, compressed_dim) * 0.02)  # learned memory slots
+        self.kv = nn.Linear(compressed_dim, 2 * C, bias=False)  # a slot or summary -> memory key, value
+
+    def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MemoryState:
+        return MemoryState(self, batch_size, device, dtype)
+
+    def state_numbers(self, seq_len: int) -> int:
+        return 2 * self.n_head * self.head_dim * min(seq_len // self.window, self.mem_size)
+
+    def forward(self, x: Tensor, summaries: Tensor, offset: int, state: MemoryState | None = None) -> Tensor:
+        """x[B,T,C], summaries[B,n_new,Cc] of the segments completed in this call -> [B, T, C]."""
         B, T, C = x.shape
         H, D, W = self.n_head, self.head_dim, self.window
-        q, gate = self.gmg_qg(x).split(C, dim=-1)
-        k_new, v_new = self.mem_kv(summaries).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)  # [B, H, n_new, D]
+        q, gate = self.qg(x).split(C, dim=-1)
+        k_new, v_new = self.kv(summaries).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)  # [B, H, n_new, D]
+        held = state if state is not None else self.new_state(B, x.device, x.dtype)  # training: an empty FIFO
+        n_f = held.k.shape[2]
+        k_all = torch.cat((held.k.to(x.dtype), k_new), dim=2)  # [B, H, n_f + n_new, D]
+        v_all = torch.cat((held.v.to(x.dtype), v_new), dim=2)
         if state is not None:
-            k_all = torch.cat((state.mem_k.to(x.dtype), k_new), dim=2)  # [B, H, n_f + n_new, D]
-            v_all = torch.cat((state.mem_v.to(x.dtype), v_new), dim=2)
-            n_f = state.mem_k.shape[2]
             keep = min(self.mem_size, k_all.shape[2])
-            state.mem_k = k_all[:, :, k_all.shape[2] - keep:].detach().to(state.mem_k.dtype, copy=True)
-            state.mem_v = v_all[:, :, v_all.shape[2] - keep:].detach().to(state.mem_v.dtype, copy=True)
-        else:
-            k_all, v_all, n_f = k_new, v_new, 0
+            state.k = k_all[:, :, k_all.shape[2] - keep:].detach().to(state.k.dtype, copy=True)
+            state.v = v_all[:, :, v_all.shape[2] - keep:].detach().to(state.v.dtype, copy=True)
         n_e = k_all.shape[2]  # entry e is the memory of segment s0 - n_f + e
         n = -(-(offset + T) // W)  # query segments s0 .. s0+n-1
         L = min(self.mem_size, n_e)  # entries any one segment can see
         # query segment j sees entries n_f+j-L .. n_f+j-1 (padded index n_f+j .. n_f+j+L-1)
         k_win, v_win = (F.pad(t, (0, 0, L, 0)).unfold(2, L, 1)[:, :, n_f:n_f + n].transpose(-1, -2) if L
                         else t.new_zeros(B, H, n, 0, D) for t in (k_all, v_all))  # [B, H, n, L, D]
-        slot_k, slot_v = self.mem_kv(self.persistent.to(x.dtype)).view(-1, 2, H, D).permute(1, 2, 0, 3)  # [H,P,D]
+        slot_k, slot_v = self.kv(self.persistent.to(x.dtype)).view(-1, 2, H, D).permute(1, 2, 0, 3)  # [H, P, D]
         P = slot_k.shape[1]
         k_win = torch.cat((slot_k[None, :, None].expand(B, H, n, P, D), k_win), dim=3)  # [B, H, n, P+L, D]
         v_win = torch.cat((slot_v[None, :, None].expand(B, H, n, P, D), v_win), dim=3)
@@ -232,14 +236,108 @@ class EfficiaMixer(Mixer):
         y = y.reshape(B, H, -1, D)[:, :, offset:offset + T] if n > 1 else y[:, :, 0]  # [B, H, T, D]
         return torch.sigmoid(gate) * y.transpose(1, 2).reshape(B, T, C)
 
+
+class RecurrentState:
+    """CCU: the GRU state after the last completed segment [B, Cc]."""
+
+    def __init__(self, stage: Recurrence, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.h = stage.h0.detach().to(device=device, dtype=dtype).expand(batch_size, -1).clone()
+
+
+class Recurrence(nn.Module):
+    """CCU: one GRU step per completed segment (over segments, never over tokens); the tokens of segment s
+    read the state after segment s-1, projected to d_model."""
+
+    def __init__(self, d_model: int, compressed_dim: int, window: int) -> None:
+        super().__init__()
+        self.window = window
+        self.gru = nn.GRUCell(compressed_dim, compressed_dim)
+        self.h0 = nn.Parameter(torch.zeros(compressed_dim))  # learned initial state (read by segment 0)
+        self.out = nn.Linear(compressed_dim, d_model, bias=False)
+
+    def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> RecurrentState:
+        return RecurrentState(self, batch_size, device, dtype)
+
+    def state_numbers(self, seq_len: int) -> int:
+        return self.h0.numel()
+
+    def forward(self, summaries: Tensor, offset: int, T: int, state: RecurrentState | None = None) -> Tensor:
+        """summaries[B,n_new,Cc] -> [B, T, C] for the call's T tokens, the first `offset` tokens into a segment."""
+        B = summaries.shape[0]
+        # a copy, not a view of the parameter: under no_grad a view still "requires grad" without a grad_fn,
+        # which breaks autograd hooks such as the FLOP counter in Lightning's model summary
+        h = state.h.to(summaries.dtype) if state is not None else self.h0.to(summaries.dtype).repeat(B, 1)
+        states = [h]  # states[j]: after segment s0 + j - 1
+        for j in range(summaries.shape[1]):
+            states.append(self.gru(summaries[:, j], states[-1]))
+        if state is not None:
+            state.h = states[-1].detach().to(state.h.dtype, copy=True)
+        seg = (offset + torch.arange(T, device=summaries.device)) // self.window  # [T]: segment - s0
+        return self.out(torch.stack(states, dim=1))[:, seg]  # [B, T, C]
+
+
+class EfficiaState:
+    """One layer's decoding state: one slice per stage. Sizes are fixed from the start except the LCP ring
+    (grows to `window` positions) and the FIFO (grows to `mem_size` entries): O(window + mem_size), not O(T)."""
+
+    def __init__(self, mixer: EfficiaMixer, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.local, self.pool, self.memory, self.recurrent = (
+            stage.new_state(batch_size, device, dtype) for stage in mixer.stages())
+
+
+# state_dict names before the stages were modules (issue 20): old checkpoints still load
+RENAMED = {"conv": "local.conv", "lcp_qkv.weight": "local.qkv.weight", "gmg_qg.weight": "memory.qg.weight",
+           "persistent": "memory.persistent", "mem_kv.weight": "memory.kv.weight", "pool": "summary.pool",
+           "compress.weight": "summary.compress.weight", "h0": "recurrence.h0",
+           "ccu_out.weight": "recurrence.out.weight",
+           **{f"gru.{p}": f"recurrence.gru.{p}" for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}}
+
+
+class EfficiaMixer(Mixer):
+    """The four stages over one call's tokens (a whole sequence, or a cached continuation); the fusion
+    (FF) is this module's own: a per-position softmax over (lcp, gmg, ccu), then the output projection."""
+
+    def __init__(self, d_model: int, n_head: int, segment: int, mem_size: int, n_persistent: int,
+                 compressed_dim: int, conv_size: int, dropout: float) -> None:
+        super().__init__()
+        check_heads(d_model, n_head)
+        for key, value in (("segment", segment), ("mem_size", mem_size), ("n_persistent", n_persistent),
+                           ("compressed_dim", compressed_dim), ("conv_size", conv_size)):
+            require(value >= 1, f"model=efficia: {key} must be >= 1, got {value}; set model.{key}")
+        C, Cc = d_model, compressed_dim
+        self.d_model, self.window = C, segment  # window: the LCP band = segment
+        self.local = LocalAttention(C, n_head, segment, conv_size)
+        self.memory = GlobalMemory(C, n_head, Cc, n_persistent, segment, mem_size)
+        self.summary = SegmentSummary(C, Cc, segment)
+        self.recurrence = Recurrence(C, Cc, segment)
+        self.fuse = nn.Linear(C, 3, bias=False)  # FF: per-position logits over (lcp, gmg, ccu)
+        self.add_output(C, C, dropout)
+
+    def stages(self) -> tuple[LocalAttention, SegmentSummary, GlobalMemory, Recurrence]:
+        return self.local, self.summary, self.memory, self.recurrence
+
+    def forward(self, x: Tensor, step: Step, state: EfficiaState | None = None) -> Tensor:
+        local, pool, memory, recurrent = (None,) * 4 if state is None else (
+            state.local, state.pool, state.memory, state.recurrent)
+        offset = step.start % self.window  # tokens of the current segment before this call
+        lcp = self.local(x, step, local)
+        summaries = self.summary(x, offset, pool)  # [B, n_new, Cc]: segments completed in this call
+        gmg = self.memory(x, summaries, offset, memory)
+        ccu = self.recurrence(summaries, offset, x.shape[1], recurrent)
+        w = torch.softmax(self.fuse(x), dim=-1)  # [B, T, 3]
+        return self.out(w[..., :1] * lcp + w[..., 1:2] * gmg + w[..., 2:] * ccu)
+
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> EfficiaState:
         return EfficiaState(self, batch_size, device, dtype)
 
     def state_bytes(self, seq_len: int, dtype: torch.dtype) -> int:
-        C = self.d_model
-        numbers = ((self.conv_size - 1) * C + 2 * C * min(seq_len, self.window) + (C + 2)
-                   + 2 * C * min(seq_len // self.window, self.mem_size) + self.h0.numel())
-        return numbers * dtype.itemsize
+        return sum(stage.state_numbers(seq_len) for stage in self.stages()) * dtype.itemsize
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        for old, new in RENAMED.items():  # a checkpoint written before the split
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 @register("efficia")
