@@ -436,3 +436,105 @@ class PreviousEfficiaMixer(Mixer):
                    + 2 * C * min(seq_len // self.window, self.mem_size) + self.h0.numel())
         return numbers * dtype.itemsize
 
+
+
+# ---- the long-context rewrites (issue 23) against the previous formulations, trained-like weights ----
+
+@pytest.mark.parametrize(("q_len", "k_len", "window"), [(1, 1, 4), (1, 4, 4), (1, 9, 4), (8, 8, 4), (13, 13, 4),
+                                                      (7, 10, 4), (2, 30, 4), (21, 21, 1), (64, 64, 16)])
+def test_lcp_equals_the_previous_formulation(q_len, k_len, window):
+    """In-place masked score blocks and a summed normaliser against the previous masked copies and ones
+    column: whole and partial chunks, single-token and chunked cached shapes (Tk > Tq), forward and gradients."""
+    gen = torch.Generator().manual_seed(q_len * 100 + k_len)
+    q = feature_map(2 * torch.randn(2, 3, q_len, 8, generator=gen, dtype=torch.float64)).requires_grad_()
+    k = feature_map(2 * torch.randn(2, 3, k_len, 8, generator=gen, dtype=torch.float64)).requires_grad_()
+    v = (2 * torch.randn(2, 3, k_len, 8, generator=gen, dtype=torch.float64)).requires_grad_()
+    grad_out = torch.randn(2, 3, q_len, 8, generator=gen, dtype=torch.float64)
+    out, ref = window_linear_attention(q, k, v, window), previous_window_linear_attention(q, k, v, window)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    for g, rg in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(ref, (q, k, v), grad_out),
+                     strict=True):
+        torch.testing.assert_close(g, rg, atol=1e-12, rtol=1e-12)
+
+
+def stage_pair(*overrides: str):
+    """Block 0's previous mixer and split mixer, trained-like float64 weights (the same values)."""
+    previous, split = previous_and_split(*overrides)
+    return previous.blocks[0].mixer, split.blocks[0].mixer
+
+
+def previous_params(previous: nn.Module, stage: str) -> dict[str, Tensor]:
+    """The previous mixer's parameters that the split mixer's `stage` holds, under their names there."""
+    return {RENAMED[name].removeprefix(stage + "."): p for name, p in previous.named_parameters()
+            if RENAMED.get(name, "").startswith(stage + ".")}
+
+
+def assert_same_grads(out: Tensor, ref: Tensor, inputs: tuple[Tensor, ...], params: dict[str, Tensor],
+                      ref_params: dict[str, Tensor], gen: torch.Generator) -> None:
+    """Gradients of the inputs and of every parameter of a stage (none unused on one side only)."""
+    assert params.keys() == ref_params.keys()
+    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    names = list(params)
+    got = torch.autograd.grad(out, (*inputs, *(params[k] for k in names)), grad_out, allow_unused=True)
+    want = torch.autograd.grad(ref, (*inputs, *(ref_params[k] for k in names)), grad_out, allow_unused=True)
+    for name, g, rg in zip([f"input {i}" for i in range(len(inputs))] + names, got, want, strict=True):
+        assert (g is None) == (rg is None), name
+        if g is not None:
+            torch.testing.assert_close(g, rg, atol=1e-10, rtol=1e-10, msg=name)
+
+
+# (T, offset, FIFO entries held) x mem_size: whole and partial segments, more blocks of segments than one
+# (T > mem_size segments), cached calls that start inside a segment with a full or partial FIFO
+MEMORY_CASES = [(5 * W, 0, 0), (5 * W + 3, 0, 0), (7 * W, 0, MEM), (1, 5, MEM), (3, 2, 1), (1, 0, 0),
+                (2 * W + 5, 3, 1), (W - 3, 3, MEM), (W, 0, 0)]
+
+
+@pytest.mark.parametrize("mem_size", [MEM, 3, 16])
+@pytest.mark.parametrize(("T", "offset", "n_f"), MEMORY_CASES)
+def test_gmg_equals_the_previous_formulation(T, offset, n_f, mem_size):
+    """One fused 4-D SDPA over blocks of segments against the previous 5-D masked SDPA: output, the FIFO it
+    leaves, and the gradients of x, the summaries and the stage's weights."""
+    previous, split = stage_pair(f"model.mem_size={mem_size}")
+    memory, n_f = split.memory, min(n_f, mem_size)
+    B, C, Cc = 2, split.d_model, memory.persistent.shape[1]
+    gen = torch.Generator().manual_seed(T * 10 + offset)
+    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    summaries = torch.randn(B, (offset + T) // W, Cc, generator=gen, dtype=torch.float64, requires_grad=True)
+    state, old_state = (None, None)
+    if n_f or offset:
+        state, old_state = memory.new_state(B, x.device, x.dtype), previous.new_state(B, x.device, x.dtype)
+        state.k, state.v = (torch.randn(B, memory.n_head, n_f, memory.head_dim, generator=gen, dtype=x.dtype)
+                            for _ in range(2))
+        old_state.mem_k, old_state.mem_v = state.k, state.v
+    out = memory(x, summaries, offset, state)
+    ref = previous.memory(x, summaries, offset, old_state)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    if state is not None:
+        torch.testing.assert_close((state.k, state.v), (old_state.mem_k, old_state.mem_v), atol=0, rtol=0)
+    inputs = (x, summaries) if summaries.numel() else (x,)
+    assert_same_grads(out, ref, inputs, dict(memory.named_parameters()), previous_params(previous, "memory"), gen)
+
+
+@pytest.mark.parametrize(("n_new", "offset", "cached"), [(0, 3, True), (1, 0, True), (1, 5, True), (6, 0, False),
+                                                         (6, 2, True), (1, 0, False)])
+def test_ccu_equals_the_previous_formulation(n_new, offset, cached):
+    """One nn.GRU call against the previous GRUCell loop: the per-token states, the state left for the next
+    call, and the gradients of the summaries, the GRU weights, h0 and the output projection."""
+    previous, split = stage_pair()
+    recurrence = split.recurrence
+    B, Cc = 2, recurrence.h0.numel()
+    T = n_new * W + 3 - offset if n_new else W - 1 - offset
+    gen = torch.Generator().manual_seed(n_new * 10 + offset)
+    summaries = torch.randn(B, n_new, Cc, generator=gen, dtype=torch.float64, requires_grad=True)
+    state = old_state = None
+    if cached:
+        state, old_state = recurrence.new_state(B, summaries.device, summaries.dtype), previous.new_state(
+            B, summaries.device, summaries.dtype)
+        state.h = old_state.gru = torch.randn(B, Cc, generator=gen, dtype=summaries.dtype)
+    out = recurrence(summaries, offset, T, state)
+    ref = previous.recurrent(summaries, offset, T, old_state)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    if cached:
+        torch.testing.assert_close(state.h, old_state.gru, atol=1e-12, rtol=1e-12)
+    assert_same_grads(out, ref, (summaries,) if n_new else (), dict(recurrence.named_parameters()),
+                      previous_params(previous, "recurrence"), gen)

@@ -51,29 +51,23 @@ def window_linear_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Ten
 
         out_i = sum_j (q_i·k_j) v_j / sum_j (q_i·k_j),   0 <= i - j < window
 
-    Chunked, O(Tq·window): query chunk c (W queries) sees its own chunk under a causal [W, W] mask and
-    the previous chunk under the complementary strict mask. Keys are zero-padded on the left to exactly
-    W before the first query: a zero feature adds nothing to either sum, so padding is exact. A ones
-    column on v yields the normaliser.
+    Chunked, O(Tq·window), one path for training and decoding: query chunk c (W queries) sees its own
+    chunk's keys r' <= r and the previous chunk's keys r' > r. Keys are zero-padded on the left to exactly
+    W before the first query: a zero feature adds nothing to either sum, so padding is exact. Each [W, W]
+    score block is masked in place (tril_/triu_: no masked copy) and summed over its keys for the normaliser.
     """
     q_len, k_len, W = q.shape[-2], k.shape[-2], window
-    ones = torch.ones_like(v[..., :1])
-    v = torch.cat((v, ones), dim=-1)  # [B, H, Tk, D+1]: last column sums the weights
-    if q_len == 1 and k_len <= W:  # decoding one token: every key is inside its band
-        out = (q @ k.transpose(-1, -2)) @ v  # [B, H, 1, D+1]
-        return out[..., :-1] / (out[..., -1:] + EPS)
     keep = min(k_len - q_len, W)  # history before the first query that can still be seen
     n = -(-q_len // W)
-    pad_end = n * W - q_len
+    pad = (0, 0, W - keep, n * W - q_len)
     B, H, _, D = q.shape
-    k = F.pad(k[..., k_len - q_len - keep:, :], (0, 0, W - keep, pad_end)).view(B, H, n + 1, W, D)
-    v = F.pad(v[..., k_len - q_len - keep:, :], (0, 0, W - keep, pad_end)).view(B, H, n + 1, W, D + 1)
-    q = F.pad(q, (0, 0, 0, pad_end)).view(B, H, n, W, D)  # [B, H, n, W, D]: chunk c = key chunk c + 1
-    own = torch.ones(W, W, device=q.device, dtype=torch.bool).tril()  # [W, W]: key r' <= query r
-    out = (((q @ k[:, :, 1:].transpose(-1, -2)) * own) @ v[:, :, 1:]  # [B, H, n, W, D+1]
-           + ((q @ k[:, :, :-1].transpose(-1, -2)) * ~own) @ v[:, :, :-1])  # previous chunk: r' > r
-    out = out[..., :-1] / (out[..., -1:] + EPS)
-    return out.reshape(B, H, n * W, D)[..., :q_len, :]
+    k, v = (F.pad(t[..., k_len - q_len - keep:, :], pad).view(B, H, n + 1, W, D) for t in (k, v))
+    q = F.pad(q, (0, 0, 0, pad[-1])).view(B, H, n, W, D)  # [B, H, n, W, D]: chunk c = key chunk c + 1
+    own = (q @ k[:, :, 1:].transpose(-1, -2)).tril_()  # [B, H, n, W, W]: own chunk, key r' <= query r
+    prev = (q @ k[:, :, :-1].transpose(-1, -2)).triu_(1)  # previous chunk: r' > r
+    out = own @ v[:, :, 1:] + prev @ v[:, :, :-1]  # [B, H, n, W, D]
+    norm = own.sum(dim=-1, keepdim=True) + prev.sum(dim=-1, keepdim=True)
+    return (out / (norm + EPS)).view(B, H, n * W, D)[..., :q_len, :]
 
 
 class LocalState:
@@ -202,39 +196,50 @@ class GlobalMemory(nn.Module):
         return 2 * self.n_head * self.head_dim * min(seq_len // self.window, self.mem_size)
 
     def forward(self, x: Tensor, summaries: Tensor, offset: int, state: MemoryState | None = None) -> Tensor:
-        """x[B,T,C], summaries[B,n_new,Cc] of the segments completed in this call -> [B, T, C]."""
+        """x[B,T,C], summaries[B,n_new,Cc] of the segments completed in this call -> [B, T, C].
+
+        Every token of a segment sees the same keys, so the segment is the query position and its W tokens
+        are query heads sharing each K/V head (grouped-query SDPA). Segments go in blocks of G = min(mem_size,
+        n): block b sees the slots and one window of M + G - 1 entries (M = mem_size) under a [G, P + M + G - 1]
+        band mask; every block is one batch entry of ONE fused SDPA call. No 5-D tensor, O(n·(P + M + G)) mask.
+        """
         B, T, C = x.shape
-        H, D, W = self.n_head, self.head_dim, self.window
+        H, D, W, M = self.n_head, self.head_dim, self.window, self.mem_size
         q, gate = self.qg(x).split(C, dim=-1)
         k_new, v_new = self.kv(summaries).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)  # [B, H, n_new, D]
         held = state if state is not None else self.new_state(B, x.device, x.dtype)  # training: an empty FIFO
-        n_f = held.k.shape[2]
-        k_all = torch.cat((held.k.to(x.dtype), k_new), dim=2)  # [B, H, n_f + n_new, D]
+        n_f = held.k.shape[2]  # entry e is the memory of segment s0 - n_f + e
+        k_all = torch.cat((held.k.to(x.dtype), k_new), dim=2)  # [B, H, n_e, D]
         v_all = torch.cat((held.v.to(x.dtype), v_new), dim=2)
         if state is not None:
-            keep = min(self.mem_size, k_all.shape[2])
+            keep = min(M, k_all.shape[2])
             state.k = k_all[:, :, k_all.shape[2] - keep:].detach().to(state.k.dtype, copy=True)
             state.v = v_all[:, :, v_all.shape[2] - keep:].detach().to(state.v.dtype, copy=True)
-        n_e = k_all.shape[2]  # entry e is the memory of segment s0 - n_f + e
-        n = -(-(offset + T) // W)  # query segments s0 .. s0+n-1
-        L = min(self.mem_size, n_e)  # entries any one segment can see
-        # query segment j sees entries n_f+j-L .. n_f+j-1 (padded index n_f+j .. n_f+j+L-1)
-        k_win, v_win = (F.pad(t, (0, 0, L, 0)).unfold(2, L, 1)[:, :, n_f:n_f + n].transpose(-1, -2) if L
-                        else t.new_zeros(B, H, n, 0, D) for t in (k_all, v_all))  # [B, H, n, L, D]
+        n_e = k_all.shape[2]
+        n = -(-(offset + T) // W)  # query segments s0 .. s0+n-1; segment j sees entries n_f+j-M .. n_f+j-1
+        G = min(M, n)  # segments per block
+        nb, E = -(-n // G), M + G - 1  # blocks; entries one block sees
+        # padded entries: M zeros, then entry e at M + e; block b's window starts at padded index n_f + b·G
+        right = max(0, n_f + (nb - 1) * G + E - M - n_e)
         slot_k, slot_v = self.kv(self.persistent.to(x.dtype)).view(-1, 2, H, D).permute(1, 2, 0, 3)  # [H, P, D]
         P = slot_k.shape[1]
-        k_win = torch.cat((slot_k[None, :, None].expand(B, H, n, P, D), k_win), dim=3)  # [B, H, n, P+L, D]
-        v_win = torch.cat((slot_v[None, :, None].expand(B, H, n, P, D), v_win), dim=3)
-        entry = n_f + torch.arange(n, device=x.device)[:, None] - L + torch.arange(L, device=x.device)  # [n, L]
-        mask = torch.cat((entry.new_ones(n, P, dtype=torch.bool), entry >= 0), dim=1)[:, None]  # [n, 1, P+L]
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        if n > 1:  # group queries by segment: [B, H, n, W, D]
-            q = F.pad(q, (0, 0, offset, n * W - offset - T)).view(B, H, n, W, D)
-        else:
-            q = q[:, :, None]  # [B, H, 1, T, D]
-        y = F.scaled_dot_product_attention(q, k_win, v_win, attn_mask=mask)  # [B, H, n, W or T, D]
-        y = y.reshape(B, H, -1, D)[:, :, offset:offset + T] if n > 1 else y[:, :, 0]  # [B, H, T, D]
-        return torch.sigmoid(gate) * y.transpose(1, 2).reshape(B, T, C)
+        k_blocks, v_blocks = (
+            torch.cat((slots[None, None].expand(B, nb, H, P, D),  # [B, nb, H, P + E, D]
+                       F.pad(t, (0, 0, M, right))[:, :, n_f:].unfold(2, E, G)[:, :, :nb].permute(0, 2, 1, 4, 3)), dim=3)
+            .reshape(B * nb, H, P + E, D) for slots, t in ((slot_k, k_all), (slot_v, v_all)))
+        i = torch.arange(G, device=x.device)[:, None]  # segment within its block
+        t = torch.arange(E, device=x.device)  # entry within the block's window
+        at = n_f + G * torch.arange(nb, device=x.device)[:, None, None] + t  # [nb, 1, E]: padded index
+        seen = (t >= i) & (t < i + M) & (at >= M) & (at < M + n_e)  # [nb, G, E]
+        mask = torch.cat((seen.new_ones(nb, G, P), seen), dim=2)  # [nb, G, P + E]: the slots always
+        mask = mask[None, :, None].expand(B, nb, 1, G, P + E).reshape(B * nb, 1, G, P + E)
+        g = W if n > 1 else T  # tokens per segment (one partial segment: just the call's tokens)
+        pad = (offset, nb * G * W - offset - T) if n > 1 else (0, 0)
+        q = F.pad(q.view(B, T, H, D), (0, 0, 0, 0, *pad)).view(B, nb, G, g, H, D)
+        q = q.permute(0, 1, 4, 3, 2, 5).reshape(B * nb, H * g, G, D)  # head h·g + token w reads K/V head h
+        y = F.scaled_dot_product_attention(q, k_blocks, v_blocks, attn_mask=mask, enable_gqa=g > 1)
+        y = y.view(B, nb, H, g, G, D).permute(0, 1, 4, 3, 2, 5).reshape(B, -1, C)[:, pad[0]:pad[0] + T]
+        return torch.sigmoid(gate) * y  # [B, T, C]
 
 
 class RecurrentState:
@@ -246,12 +251,13 @@ class RecurrentState:
 
 class Recurrence(nn.Module):
     """CCU: one GRU step per completed segment (over segments, never over tokens); the tokens of segment s
-    read the state after segment s-1, projected to d_model."""
+    read the state after segment s-1, projected to d_model. nn.GRU computes what nn.GRUCell stepped once
+    per segment computes (the same gates and weights, `RENAMED` maps the cell's names)."""
 
     def __init__(self, d_model: int, compressed_dim: int, window: int) -> None:
         super().__init__()
         self.window = window
-        self.gru = nn.GRUCell(compressed_dim, compressed_dim)
+        self.gru = nn.GRU(compressed_dim, compressed_dim, batch_first=True)
         self.h0 = nn.Parameter(torch.zeros(compressed_dim))  # learned initial state (read by segment 0)
         self.out = nn.Linear(compressed_dim, d_model, bias=False)
 
@@ -262,18 +268,20 @@ class Recurrence(nn.Module):
         return self.h0.numel()
 
     def forward(self, summaries: Tensor, offset: int, T: int, state: RecurrentState | None = None) -> Tensor:
-        """summaries[B,n_new,Cc] -> [B, T, C] for the call's T tokens, the first `offset` tokens into a segment."""
+        """summaries[B,n_new,Cc] -> [B, T, C] for the call's T tokens, the first `offset` tokens into a segment.
+        The recurrence is sequential over segments, so it is one nn.GRU call over all of them (one fused kernel,
+        input projections of every segment in one matmul), not a Python loop of GRUCell steps."""
         B = summaries.shape[0]
         # a copy, not a view of the parameter: under no_grad a view still "requires grad" without a grad_fn,
         # which breaks autograd hooks such as the FLOP counter in Lightning's model summary
         h = state.h.to(summaries.dtype) if state is not None else self.h0.to(summaries.dtype).repeat(B, 1)
-        states = [h]  # states[j]: after segment s0 + j - 1
-        for j in range(summaries.shape[1]):
-            states.append(self.gru(summaries[:, j], states[-1]))
+        states = h[:, None]  # [B, 1 + n_new, Cc]: states[:, j] is the state after segment s0 + j - 1
+        if summaries.shape[1]:
+            states = torch.cat((states, self.gru(summaries, h[None].contiguous())[0]), dim=1)
         if state is not None:
-            state.h = states[-1].detach().to(state.h.dtype, copy=True)
+            state.h = states[:, -1].detach().to(state.h.dtype, copy=True)
         seg = (offset + torch.arange(T, device=summaries.device)) // self.window  # [T]: segment - s0
-        return self.out(torch.stack(states, dim=1))[:, seg]  # [B, T, C]
+        return self.out(states)[:, seg]  # [B, T, C]
 
 
 class EfficiaState:
@@ -290,7 +298,7 @@ RENAMED = {"conv": "local.conv", "lcp_qkv.weight": "local.qkv.weight", "gmg_qg.w
            "persistent": "memory.persistent", "mem_kv.weight": "memory.kv.weight", "pool": "summary.pool",
            "compress.weight": "summary.compress.weight", "h0": "recurrence.h0",
            "ccu_out.weight": "recurrence.out.weight",
-           **{f"gru.{p}": f"recurrence.gru.{p}" for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}}
+           **{f"gru.{p}": f"recurrence.gru.{p}_l0" for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}}
 
 
 class EfficiaMixer(Mixer):
