@@ -538,3 +538,25 @@ def test_ccu_equals_the_previous_formulation(n_new, offset, cached):
         torch.testing.assert_close(state.h, old_state.gru, atol=1e-12, rtol=1e-12)
     assert_same_grads(out, ref, (summaries,) if n_new else (), dict(recurrence.named_parameters()),
                       previous_params(previous, "recurrence"), gen)
+
+
+def saved_for_backward(mixer: nn.Module, x: Tensor) -> float:
+    """Bytes one training forward of `mixer` keeps for backward, in units of its input x[B, T, C]."""
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mixer(x, Step(0, x.shape[1], x.device))
+    return sum(kept.values()) / (x.numel() * x.element_size())
+
+
+def test_training_keeps_few_activations_per_mixer():
+    """Issue 23: in training the LCP and GMG keep only their inputs and output for backward (their score
+    blocks, padded and regrouped copies are recomputed in backward), so a mixer keeps under 10 tensors the
+    size of its input (x, the three streams, the fused sum, the pooling's segment view, ...), about 25 without."""
+    mixer = tiny_mixer()
+    x = torch.randn(2, 32 * W, mixer.d_model, requires_grad=True)
+    assert saved_for_backward(mixer, x) < 10

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from efficia.models.attention import RingKVState
 from efficia.models.blocks import RMSNorm, SwiGLU, check_heads, require
@@ -301,6 +302,15 @@ RENAMED = {"conv": "local.conv", "lcp_qkv.weight": "local.qkv.weight", "gmg_qg.w
            **{f"gru.{p}": f"recurrence.gru.{p}_l0" for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}}
 
 
+def call(stage: nn.Module, *args) -> Tensor:
+    return stage(*args)
+
+
+def recomputed(stage: nn.Module, *args) -> Tensor:
+    """stage(*args), its intermediate tensors dropped after the forward and recomputed in the backward."""
+    return checkpoint(stage, *args, use_reentrant=False)
+
+
 class EfficiaMixer(Mixer):
     """The four stages over one call's tokens (a whole sequence, or a cached continuation); the fusion
     (FF) is this module's own: a per-position softmax over (lcp, gmg, ccu), then the output projection."""
@@ -328,9 +338,12 @@ class EfficiaMixer(Mixer):
         local, pool, memory, recurrent = (None,) * 4 if state is None else (
             state.local, state.pool, state.memory, state.recurrent)
         offset = step.start % self.window  # tokens of the current segment before this call
-        lcp = self.local(x, step, local)
+        # training: the LCP and GMG keep only their inputs and output for backward and run again there
+        # (their chunk scores, padded and regrouped copies are ~20 x [B, T, C] per layer; the rerun ~5% of a step)
+        run = recomputed if state is None and torch.is_grad_enabled() else call
+        lcp = run(self.local, x, step, local)
         summaries = self.summary(x, offset, pool)  # [B, n_new, Cc]: segments completed in this call
-        gmg = self.memory(x, summaries, offset, memory)
+        gmg = run(self.memory, x, summaries, offset, memory)
         ccu = self.recurrence(summaries, offset, x.shape[1], recurrent)
         w = torch.softmax(self.fuse(x), dim=-1)  # [B, T, 3]
         return self.out(w[..., :1] * lcp + w[..., 1:2] * gmg + w[..., 2:] * ccu)
