@@ -560,3 +560,28 @@ def test_training_keeps_few_activations_per_mixer():
     mixer = tiny_mixer()
     x = torch.randn(2, 32 * W, mixer.d_model, requires_grad=True)
     assert saved_for_backward(mixer, x) < 10
+
+
+@pytest.mark.parametrize(("start", "T"), [(0, 5 * W + 3), (0, 1), (3, 1), (2 * W + 5, 1), (W - 2, 2 * W + 1)])
+def test_lcp_stage_equals_the_previous_formulation(start, T):
+    """The LCP stage (K shifted products for the depthwise conv, the rewritten chunked attention) against the
+    previous conv1d and masked-copy formulation: whole sequences and cached calls after `start` tokens
+    (conv tail and ring carried), forward, the state left behind and the gradients."""
+    previous, split = stage_pair()
+    local, B = split.local, 2
+    gen = torch.Generator().manual_seed(start * 10 + T)
+    past = torch.randn(B, start, split.d_model, generator=gen, dtype=torch.float64)
+    x = torch.randn(B, T, split.d_model, generator=gen, dtype=torch.float64, requires_grad=True)
+    state = old_state = None
+    if start:
+        state, old_state = local.new_state(B, x.device, x.dtype), previous.new_state(B, x.device, x.dtype)
+        with torch.no_grad():
+            local(past, Step(0, start, x.device), state)
+            previous.local(past, Step(0, start, x.device), old_state)
+    out = local(x, Step(start, T, x.device), state)
+    ref = previous.local(x, Step(start, T, x.device), old_state)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    if start:
+        torch.testing.assert_close((state.conv, state.ring.k, state.ring.v),
+                                   (old_state.conv, old_state.ring.k, old_state.ring.v), atol=1e-12, rtol=1e-12)
+    assert_same_grads(out, ref, (x,), dict(local.named_parameters()), previous_params(previous, "local"), gen)

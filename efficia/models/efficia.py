@@ -58,6 +58,9 @@ def window_linear_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Ten
     score block is masked in place (tril_/triu_: no masked copy) and summed over its keys for the normaliser.
     """
     q_len, k_len, W = q.shape[-2], k.shape[-2], window
+    if q_len == 1 and k_len <= W:  # decoding one token: every key is inside its band (no padding to 2W keys)
+        scores = q @ k.transpose(-1, -2)  # [B, H, 1, Tk]
+        return (scores @ v) / (scores.sum(dim=-1, keepdim=True) + EPS)
     keep = min(k_len - q_len, W)  # history before the first query that can still be seen
     n = -(-q_len // W)
     pad = (0, 0, W - keep, n * W - q_len)
@@ -102,7 +105,10 @@ class LocalAttention(nn.Module):
         H, D, K = self.n_head, self.head_dim, self.conv_size
         past = state.conv.to(x.dtype) if state is not None else x.new_zeros(B, K - 1, C)
         xp = torch.cat((past, x), dim=1)  # [B, K-1+T, C]
-        xc = F.conv1d(xp.transpose(1, 2), self.conv.to(x.dtype), groups=C).transpose(1, 2)  # [B, T, C]
+        taps = self.conv[:, 0].t().to(x.dtype)  # [K, C]: tap j weighs the input K-1-j positions back
+        # the depthwise conv as K shifted products: one path for any T (conv1d's setup is ~0.4 ms a call,
+        # more than a whole decoding step of this stage)
+        xc = sum(xp[:, j:j + T] * taps[j] for j in range(K))  # [B, T, C]
         q, k, v = self.qkv(xc).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
         q, k = feature_map(q), feature_map(k)
         if state is not None:
