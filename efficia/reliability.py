@@ -7,6 +7,7 @@ The pieces are small and independent so `training.py` only wires them:
   it refuses non-finite weights and never keeps a non-finite "best".
 - `GracefulStop`: SIGTERM / SIGINT / SIGUSR1 finish the current optimizer step, write `last.ckpt`, then stop.
 - `RNGState`: torch (CPU and CUDA), Python and NumPy generators saved and restored, for bit-exact resume.
+- `LoggerStep`: a resumed run logs every metric at the step an uninterrupted run logs it.
 """
 
 from __future__ import annotations
@@ -270,3 +271,30 @@ class RNGState(Callback):
         random.setstate((version, tuple(internal), gauss))
         name, keys, *rest = state["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+class LoggerStep(Callback):
+    """A resumed run logs every metric at the step where an uninterrupted run logs it (CSV, W&B, any logger).
+
+    Lightning passes its loggers `fit_loop.epoch_loop._batches_that_stepped`, which it increments at the very
+    end of each step, after `on_train_batch_end` and after any validation. A checkpoint written in
+    `on_train_batch_end` (a signal's save, `every_n_steps`) or at a validation's end (the final validation
+    of a finished run, which writes that step's last.ckpt) holds the count from before the increment. On
+    restore Lightning adds the missing one only when the save looks like `on_train_batch_end`; a save at a
+    validation's end looks like one made after the step, so the resumed run logged one step early.
+    `global_step` is restored exactly, and an uninterrupted run has count == global_step at the start of
+    every batch, so the count is set from it at the first batch of each fit, after Lightning's own restore
+    (doing it in `on_train_start` is too early: Lightning still adds its one to a signal's save).
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.pending = pl_module.automatic_optimization  # manual: global_step counts every optimizer's steps
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.pending:
+            self.pending = False
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step

@@ -88,10 +88,13 @@ def training_flops_per_token(model_cfg: Mapping[str, Any], vocab_size: int, seq_
 def measure_cpu_peak(dtype: str = "fp32", max_n: int = 2048, min_seconds: float = 0.05, repeats: int = 3) -> float:
     """FLOP/s of the best of `repeats` n×n matmuls in `dtype`, on the threads torch is using now. n doubles from
     256 until one matmul takes `min_seconds` (or n reaches max_n), so a dtype this CPU only emulates (bf16
-    without native support: about 1 GFLOP/s here) is measured in a fraction of a second too."""
-    n = 256
+    without native support: about 1 GFLOP/s here) is measured in a fraction of a second too.
+
+    The matrices come from a private generator: how many are drawn depends on the clock, and drawing them
+    from the global RNG shifted every dropout mask of the run after it (runs, and resumes, not reproducible)."""
+    n, gen = 256, torch.Generator().manual_seed(0)
     while True:
-        a, b = torch.randn(n, n, dtype=DTYPES[dtype]), torch.randn(n, n, dtype=DTYPES[dtype])
+        a, b = (torch.randn(n, n, dtype=DTYPES[dtype], generator=gen) for _ in range(2))
         a @ b  # warm-up: thread pool, packing buffers
         start = time.perf_counter()
         a @ b

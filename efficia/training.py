@@ -27,7 +27,14 @@ from efficia.checks import check_fits, check_run_config, config_errors
 from efficia.data.base import DataModule
 from efficia.errors import ConfigError, TrainingError
 from efficia.module import LanguageModule
-from efficia.reliability import AtomicCheckpointIO, GracefulStop, RNGState, find_checkpoint_callback, weights_finite
+from efficia.reliability import (
+    AtomicCheckpointIO,
+    GracefulStop,
+    LoggerStep,
+    RNGState,
+    find_checkpoint_callback,
+    weights_finite,
+)
 from efficia.resume import check_resumable, checkpoint_dir, claim_run_dir, resolve_ckpt_path, resume_command
 
 LIGHTNING_NOISE = (  # lines about Lightning, not about the run
@@ -134,7 +141,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = build_callbacks(cfg.get("callbacks"))
     stop = GracefulStop(resume_command(output_dir))
     with config_errors("trainer"):
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, FinalValidation(), stop, RNGState()],
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, FinalValidation(), stop, RNGState(),
+                                                                    LoggerStep()],
                                          logger=loggers or False, plugins=[AtomicCheckpointIO()])
     try:
         with stop:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
+from efficia.models import attention
+from efficia.models.attention import KVState, reserved_positions
 from tests.conftest import TINY_VOCAB, build_tiny
 from tests.test_models import CASE_IDS, CASES
 from tests.trained_like import randomise
@@ -84,3 +87,63 @@ def test_trained_like_weights_are_far_from_neutral() -> None:
     mtla = trained_like("efficientlm", ()).blocks[0].mixer
     c = mtla.kv(x)[0]
     assert mtla.merge.weights(c, 0).std() > 0.1
+
+
+# -- the growing K/V cache (gpt, optimus attention=gqa) against its previous formulation --------------
+
+class ConcatKVState:
+    """The previous KVState, kept as the reference: the whole cache re-made by torch.cat on every call."""
+
+    def __init__(self, batch_size: int, n_kv_head: int, head_dim: int, device: torch.device, dtype: torch.dtype,
+                 limit: int | None = None) -> None:
+        self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+        self.k = torch.cat((self.k, k.to(self.k.dtype)), dim=2)
+        self.v = torch.cat((self.v, v.to(self.v.dtype)), dim=2)
+        return self.k, self.v
+
+
+FULL_CACHE_CASES = [("gpt", ()), ("gpt", ("model.n_kv_head=1",)), ("gpt", ("model.pos_emb=learned",)),
+                    ("gpt", ("model.max_seq_len=23",)), ("optimus", ("model.attention=gqa", "model.n_kv_head=1"))]
+
+
+@pytest.mark.parametrize("full_case", FULL_CACHE_CASES, ids=[f"{n}[{' '.join(v) or 'default'}]"
+                                                              for n, v in FULL_CACHE_CASES])
+def test_growing_kv_cache_equals_the_concatenated_one(full_case, monkeypatch, one_thread) -> None:
+    """Same logits through the preallocated cache as through the torch.cat one, token by token and in
+    chunks whose edges fall on and across the capacity steps (1, 2, 4, 8, 16, ... and max_seq_len)."""
+    name, model, idx, full = model_and_forward(full_case, seed=13)
+    T = idx.shape[1]
+    schedules = [[*range(T + 1)], *([c for c in cuts if c < T] + [T] for cuts in ([0, 3, 4, 5, 9, 16, 17, 22],
+                                                                                [0, 7, 8, 15, 30], [0]))]
+    grown = [decode(model, idx, cuts) for cuts in schedules]
+    monkeypatch.setattr(attention, "KVState", ConcatKVState)
+    for cuts, logits in zip(schedules, grown, strict=True):
+        reference = decode(model, idx, cuts)
+        torch.testing.assert_close(logits, reference, rtol=0, atol=1e-12, msg=f"chunks {cuts}")
+        assert_matches(name, logits, full, f"chunks {cuts}")
+
+
+@pytest.mark.parametrize("limit", [None, 23])
+def test_kv_cache_grows_by_doubling_and_writes_in_place(limit: int | None) -> None:
+    """Keys/values equal the concatenated reference after every call (trained-like scale, a float64 input
+    cast to the float32 cache), capacity is `reserved_positions` of the length (a power of two, capped at
+    `limit`), and the buffers are re-allocated once per capacity step, not once per token."""
+    gen = torch.Generator().manual_seed(0)
+    state, reference = KVState(2, 3, 4, torch.device("cpu"), torch.float32, limit), ConcatKVState(2, 3, 4, "cpu",
+                                                                                                   torch.float32)
+    chunks = [1, 1, 2, 3, 1, 5, 1, 1, 8] + ([] if limit else [2, *[1] * 40, 17])  # up to the limit, or past 64
+    pos, buffers = 0, set()
+    for n in chunks:
+        k, v = (3 * torch.randn(2, 3, n, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+        got, want = state.update(k, v, pos), reference.update(k, v, pos)
+        pos += n
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"after {pos} positions"
+        assert state.k_buf.shape[2] == state.v_buf.shape[2] == reserved_positions(pos, limit), pos
+        buffers.add(state.k_buf.data_ptr())
+    assert len(buffers) == len({reserved_positions(p, limit) for p in range(1, pos + 1)})
+    assert reserved_positions(23, 23) == 23 and reserved_positions(17, None) == 32
+    with pytest.raises(ValueError, match=f"holds {pos} positions but the call starts at 5"):
+        state.update(k[:, :, :1], v[:, :, :1], 5)

@@ -131,8 +131,6 @@ def logged(run_dir: str | Path) -> dict[tuple[str, int], str]:
                 if v and k.startswith(("train/", "val/"))}
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue 20, open): a resumed run logs its metrics one step early; "
-                   "forcing Lightning's stepped-batch count to global_step on resume over-corrected the signal case")
 def test_resumed_curves_line_up_step_for_step_with_a_straight_run(make_cfg) -> None:
     """Every metric a resumed run logs sits at the step where the uninterrupted run logged the same value:
     resumed from a signal's save (mid-run) and from the end of a finished run. No dropout, so the

@@ -13,7 +13,7 @@ from efficia.checkpoint import build_net
 from efficia.config import compose_run
 from efficia.models import MODELS
 from efficia.models.blocks import Dropout, attend, attention_with_dropout, dropout, sdpa
-from efficia.throughput import compute_dtype, gpu_peak, training_flops_per_token
+from efficia.throughput import compute_dtype, gpu_peak, measure_cpu_peak, training_flops_per_token
 from efficia.training import train
 from tests.conftest import EXTERNAL_TABLE, TINY_VOCAB, require_data, tiny_model_cfg
 
@@ -238,3 +238,13 @@ def test_logged_train_values_belong_to_the_step_they_are_written_at(make_cfg) ->
     assert [(int(r["step"]) + 1, float(r["train/tokens"])) for r in rows] == [(s, s * per_step) for s in (3, 6, 7)]
     assert all(r.get("tok/s") and r.get("mfu") for r in rows)
     assert result["metrics"]["train/tokens"] == 7 * per_step  # the returned metrics are the last step's
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_rng_alone(monkeypatch) -> None:
+    """The peak is measured at the start of every fit and draws a clock-dependent number of matrices: from the
+    global RNG that shifted the run's dropout masks, so a straight run and an interrupted one differed."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr("efficia.throughput.time.perf_counter", lambda: next(ticks) * 1e-3)  # a slow clock
+    state = torch.get_rng_state()
+    assert measure_cpu_peak("fp32", max_n=512, min_seconds=1.0) > 0
+    assert torch.equal(torch.get_rng_state(), state)

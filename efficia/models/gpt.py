@@ -23,6 +23,7 @@ class GPT(DecoderLM):
         self.learned_positions = pos_emb == "learned"
         rotary = rope_theta if pos_emb == "rope" else None
         super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
-                         mixer=lambda _: CausalSelfAttention(d_model, n_head, n_kv_head, dropout, bias, rotary),
+                         mixer=lambda _: CausalSelfAttention(d_model, n_head, n_kv_head, dropout, bias, rotary,
+                                                             max_len=max_seq_len),
                          ffn=lambda: MLP(d_model, ffn_hidden, dropout, bias),
                          norm=lambda: nn.LayerNorm(d_model, bias=bias))

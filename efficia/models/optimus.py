@@ -93,7 +93,8 @@ class Optimus(DecoderLM):
 
         def mixer(_: int) -> Mixer:
             if attention == "gqa":
-                return CausalSelfAttention(d_model, n_head, n_kv_head, dropout, rope_theta=rope_theta)
+                return CausalSelfAttention(d_model, n_head, n_kv_head, dropout, rope_theta=rope_theta,
+                                           max_len=max_seq_len)
             return MultiHeadLatentAttention(d_model, n_head, kv_rank, q_rank, rope_dim, rope_theta, dropout, decode,
                                             norm_eps)
 
