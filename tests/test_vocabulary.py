@@ -71,6 +71,15 @@ def test_ffn_hidden_is_the_feed_forward_width(name: str) -> None:
     assert counts[0] < counts[1] < counts[2] and counts[1] - counts[0] == counts[2] - counts[1]
 
 
+@pytest.mark.parametrize("name", sorted(SHARED["tie_embeddings"]))
+def test_tie_embeddings_shares_the_head_with_the_token_embedding(name: str) -> None:
+    """true: the head is the embedding matrix (one V x d table fewer, trained as one); false: its own table."""
+    tied, untied = build(name, "model.tie_embeddings=true"), build(name, "model.tie_embeddings=false")
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+    assert param_count(untied) - param_count(tied) == untied.lm_head.weight.numel() == TINY_VOCAB * untied.d_model
+
+
 @pytest.mark.parametrize("name", sorted(SHARED["n_kv_head"]))
 def test_n_kv_head_sets_the_kv_heads_of_the_cache(name: str) -> None:
     """One K/V head instead of one per query head (tiny: 2) halves the cache and removes K/V parameters."""

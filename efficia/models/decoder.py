@@ -133,16 +133,16 @@ class DecoderLM(LanguageModel):
     `learned_positions`: add a learned position table (then the context is bounded by max_seq_len).
     `bounded_context`: the mixers cannot attend past max_seq_len (a full KV cache); otherwise any length
     runs, through training-free extrapolation (RoPE) or a constant-size state.
-    `tie_embeddings`: the head shares the token embedding matrix.
+    The constructor's `tie_embeddings` (every model's yaml key of that name): the head shares the token
+    embedding matrix.
     """
 
     learned_positions: bool = False
     bounded_context: bool = True
-    tie_embeddings: bool = True
 
     def __init__(self, vocab_size: int, d_model: int, n_layer: int, max_seq_len: int, dropout: float,
                  gradient_checkpointing: bool, *, mixer: Callable[[int], nn.Module], ffn: Callable[[], nn.Module],
-                 norm: Callable[[], nn.Module]) -> None:
+                 norm: Callable[[], nn.Module], tie_embeddings: bool = True) -> None:
         super().__init__()
         name = self.name = getattr(type(self), "registry_name", type(self).__name__.lower())
         require(d_model >= 1 and n_layer >= 1 and max_seq_len >= 1 and vocab_size >= 1,
@@ -158,7 +158,8 @@ class DecoderLM(LanguageModel):
         self.blocks = nn.ModuleList(PreNormBlock(norm(), mixer(i), norm(), ffn()) for i in range(n_layer))
         self.norm = norm()
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        if self.tie_embeddings:
+        self.tie_embeddings = tie_embeddings
+        if tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         init_weights(self, n_layer)
 

@@ -376,9 +376,11 @@ class Efficia(DecoderLM):
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, max_seq_len: int,
                  dropout: float, segment: int, mem_size: int, n_persistent: int, compressed_dim: int,
-                 conv_size: int, ffn_hidden: int, norm_eps: float, gradient_checkpointing: bool) -> None:
+                 conv_size: int, ffn_hidden: int, norm_eps: float,
+                 tie_embeddings: bool, gradient_checkpointing: bool) -> None:
         self.segment = segment
         super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         tie_embeddings=tie_embeddings,
                          mixer=lambda _: EfficiaMixer(d_model, n_head, segment, mem_size, n_persistent, compressed_dim,
                                                       conv_size, dropout),
                          ffn=lambda: SwiGLU(d_model, ffn_hidden, dropout=dropout),

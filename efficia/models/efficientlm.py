@@ -302,7 +302,8 @@ class EfficientLM(DecoderLM):
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, max_seq_len: int,
                  dropout: float, kv_rank: int, qk_nope_head_dim: int, rope_dim: int, v_head_dim: int,
                  down_rate: int, ffn_hidden: int, rope_theta: float, norm_eps: float, latent_norm: str,
-                 external: dict[str, Any], gradient_checkpointing: bool, external_table: Tensor | None = None) -> None:
+                 external: dict[str, Any],
+                 tie_embeddings: bool, gradient_checkpointing: bool, external_table: Tensor | None = None) -> None:
         require(down_rate >= 1, f"efficientlm: down_rate must be >= 1, got {down_rate}; set model.down_rate")
         require(rope_dim >= 2 and rope_dim % 2 == 0,
                 f"efficientlm: rope_dim must be even and >= 2 (the decoupled RoPE key), got {rope_dim}")
@@ -318,6 +319,7 @@ class EfficientLM(DecoderLM):
         table = None if external_table is None else external_table.detach().float()
 
         super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         tie_embeddings=tie_embeddings,
                          mixer=lambda _: TemporalLatentAttention(d_model, n_head, kv_rank, qk_nope_head_dim, rope_dim,
                                                                  v_head_dim, down_rate, rope_theta, dropout, norm_eps,
                                                                  latent_norm),

@@ -18,11 +18,12 @@ from efficia.models.registry import register
 class GPT(DecoderLM):
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
                  max_seq_len: int, dropout: float, ffn_hidden: int, bias: bool, pos_emb: str, rope_theta: float,
-                 gradient_checkpointing: bool) -> None:
+                 tie_embeddings: bool, gradient_checkpointing: bool) -> None:
         require(pos_emb in ("learned", "rope"), f"gpt: pos_emb must be 'learned' or 'rope', got {pos_emb!r}")
         self.learned_positions = pos_emb == "learned"
         rotary = rope_theta if pos_emb == "rope" else None
         super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         tie_embeddings=tie_embeddings,
                          mixer=lambda _: CausalSelfAttention(d_model, n_head, n_kv_head, dropout, bias, rotary,
                                                              max_len=max_seq_len),
                          ffn=lambda: MLP(d_model, ffn_hidden, dropout, bias),

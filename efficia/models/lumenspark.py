@@ -298,13 +298,15 @@ class Lumenspark(DecoderLM):
     """`q_rank` is the query projection's rank; the feed-forward is d -> ffn_hidden -> d through two
     LowRankLinear of rank `ffn_rank`. `n_kv_head` 1 is the seed's single shared K/V head."""
 
-    learned_positions, tie_embeddings = True, False
+    learned_positions = True
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
                  max_seq_len: int, dropout: float, block: int, k_per_block: int, q_rank: int, ffn_hidden: int,
-                 ffn_rank: int, norm_eps: float, bias: bool, gradient_checkpointing: bool) -> None:
+                 ffn_rank: int, norm_eps: float, bias: bool,
+                 tie_embeddings: bool, gradient_checkpointing: bool) -> None:
         self.block, self.k_per_block = block, k_per_block
         super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         tie_embeddings=tie_embeddings,
                          mixer=lambda _: BlockLinformerAttention(d_model, n_head, n_kv_head, block, k_per_block, q_rank,
                                                                  dropout, bias),
                          ffn=lambda: LowRankFeedForward(d_model, ffn_hidden, ffn_rank, dropout),

@@ -76,7 +76,7 @@ class Optimus(DecoderLM):
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
                  max_seq_len: int, dropout: float, attention: str, kv_rank: int | None, q_rank: int | None,
                  rope_dim: int | None, rope_theta: float, decode: str | None, ffn_hidden: int, norm_eps: float,
-                 gradient_checkpointing: bool) -> None:
+                 tie_embeddings: bool, gradient_checkpointing: bool) -> None:
         require(attention in ("mla", "gqa"), f"optimus: attention must be 'mla' or 'gqa', got {attention!r}")
         if attention == "mla":
             require(n_kv_head is None, f"optimus: n_kv_head={n_kv_head} is read by attention=gqa only (MLA shares one "
@@ -98,6 +98,7 @@ class Optimus(DecoderLM):
             return MultiHeadLatentAttention(d_model, n_head, kv_rank, q_rank, rope_dim, rope_theta, dropout, decode,
                                             norm_eps)
 
-        super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing, mixer=mixer,
+        super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         tie_embeddings=tie_embeddings, mixer=mixer,
                          ffn=lambda: SwiGLU(d_model, ffn_hidden, dropout=dropout),
                          norm=lambda: RMSNorm(d_model, eps=norm_eps))

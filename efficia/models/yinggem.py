@@ -20,13 +20,14 @@ from efficia.models.registry import register
 class YingGem(DecoderLM):
     """`bias` applies to the q/k/v/o projections (the GeGLU has none)."""
 
-    tie_embeddings, bounded_context = False, False
+    bounded_context = False
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
                  max_seq_len: int, dropout: float, window: int, ffn_hidden: int, rope_theta: float,
-                 norm_eps: float, bias: bool, gradient_checkpointing: bool) -> None:
+                 norm_eps: float, bias: bool, tie_embeddings: bool, gradient_checkpointing: bool) -> None:
         self.window = window
         super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
+                         tie_embeddings=tie_embeddings,
                          mixer=lambda _: CausalSelfAttention(d_model, n_head, n_kv_head, dropout, bias, rope_theta,
                                                              window=window),
                          ffn=lambda: LeanGatedFeedForward(d_model, ffn_hidden, "gelu", dropout=dropout),
