@@ -68,6 +68,35 @@ def keeps_float(module: nn.Module) -> bool:
     return module.__dict__.get("efficia_keep_float", False)
 
 
+class KeepsPreviousNames(nn.Module):
+    """A module whose parameters had other names before (`previous_names`: previous -> current, relative to the
+    module): state dicts that use them still load, through `load_state_dict` (checkpoints: the hook below) and
+    through `current_names` (exports, which copy tensors by name): both rename with `rename_previous`."""
+
+    previous_names: dict[str, str] = {}
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        rename_previous(state_dict, prefix, self.previous_names)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def rename_previous(state_dict: dict, prefix: str, renamed: dict[str, str]) -> None:
+    """Move the tensors of the module at `prefix` saved under previous names to their current ones, in place."""
+    for old, new in renamed.items():
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
+def current_names(net: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A copy of a whole model's tensors with every `KeepsPreviousNames` module's previous names made current (the
+    renaming load_state_dict applies, for code that matches names itself)."""
+    tensors = dict(tensors)
+    for name, module in net.named_modules():  # parents first, as load_state_dict visits them
+        if isinstance(module, KeepsPreviousNames):
+            rename_previous(tensors, f"{name}." if name else "", module.previous_names)
+    return tensors
+
+
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """F.dropout, except that on a CPU the mask comes from comparing uniform draws with p: torch's CPU
     bernoulli_ makes dropout about 2x slower (forward+backward on [16, 6, 256, 256]: 75 vs 36 ms), and at
