@@ -237,6 +237,27 @@ def test_a_folder_missing_a_tensor_fails_in_one_line(exported, tmp_path: Path) -
         assert "\n" not in str(err.value) and "tensor" in str(err.value), str(err.value)
 
 
+def test_an_export_made_before_efficias_split_loads(tmp_path: Path) -> None:
+    """An efficia export whose tensors carry the names from before the mixer was split into stages (issue 20)
+    imports back through the renaming checkpoints get (`RENAMED`), to the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    from efficia.models.efficia import RENAMED
+
+    model = trained_like("efficia", ())
+    folder = efficia.save_pretrained(model, tmp_path / "export", format="hf")
+    previous = {new: old for old, new in RENAMED.items()}
+    tensors = {}
+    for name, tensor in load_file(str(folder / "model.safetensors")).items():
+        head, mixer, local = name.partition(".mixer.")
+        tensors[head + mixer + previous.get(local, local) if mixer else name] = tensor
+    assert sum(name.partition(".mixer.")[2] in RENAMED for name in tensors) == len(RENAMED) * model.net.n_layer
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    idx = torch.randint(TINY_VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(efficia.from_pretrained(folder).net(idx), model.net(idx))
+
+
 def test_remote_code_false_refuses_a_model_without_a_native_class(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no native transformers class computes this yinggem"):
         efficia.save_pretrained(trained_like("yinggem", ()), tmp_path / "out", format="hf", remote_code=False)

@@ -215,8 +215,12 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_into(net: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy an export's tensors into net by name, after the renaming checkpoints get too (`current_names`: an
+    export made before a model renamed its parameters still loads)."""
     from efficia.hf.native import unique_tensors
+    from efficia.models.blocks import current_names
 
+    tensors = current_names(net, tensors)
     ours, aliases = unique_tensors(net)
     missing = [k for k in ours if k not in tensors]
     unexpected = [k for k in tensors if k not in ours and k not in aliases]

@@ -12,6 +12,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from efficia.errors import ConfigError
 
@@ -67,6 +68,35 @@ def keeps_float(module: nn.Module) -> bool:
     return module.__dict__.get("efficia_keep_float", False)
 
 
+class KeepsPreviousNames(nn.Module):
+    """A module whose parameters had other names before (`previous_names`: previous -> current, relative to the
+    module): state dicts that use them still load, through `load_state_dict` (checkpoints: the hook below) and
+    through `current_names` (exports, which copy tensors by name): both rename with `rename_previous`."""
+
+    previous_names: dict[str, str] = {}
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        rename_previous(state_dict, prefix, self.previous_names)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def rename_previous(state_dict: dict, prefix: str, renamed: dict[str, str]) -> None:
+    """Move the tensors of the module at `prefix` saved under previous names to their current ones, in place."""
+    for old, new in renamed.items():
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
+def current_names(net: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A copy of a whole model's tensors with every `KeepsPreviousNames` module's previous names made current (the
+    renaming load_state_dict applies, for code that matches names itself)."""
+    tensors = dict(tensors)
+    for name, module in net.named_modules():  # parents first, as load_state_dict visits them
+        if isinstance(module, KeepsPreviousNames):
+            rename_previous(tensors, f"{name}." if name else "", module.previous_names)
+    return tensors
+
+
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """F.dropout, except that on a CPU the mask comes from comparing uniform draws with p: torch's CPU
     bernoulli_ makes dropout about 2x slower (forward+backward on [16, 6, 256, 256]: 75 vs 36 ms), and at
@@ -93,8 +123,51 @@ def expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Tk, D]
 
 
+class _RMSNorm(torch.autograd.Function):
+    """F.rms_norm over the last dim (same dtypes: computed in float32 or wider, returned in x's dtype) that keeps
+    x, in its own dtype, and rstd [..., 1] for backward; x·rstd is recomputed there."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # torch's opmath: bf16/fp16 upcast, fp64 kept
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, rstd, weight)
+        y = xf * rstd
+        y = y.mul_(weight) if torch.promote_types(y.dtype, weight.dtype) == y.dtype else y * weight
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, rstd, weight = ctx.saved_tensors
+        x_hat = x.to(rstd.dtype) * rstd  # recomputed
+        g = grad.to(rstd.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g_hat = g * weight  # d loss / d x_hat
+            dot = (g_hat * x_hat).mean(-1, keepdim=True)
+            grad_x = g_hat.sub_(x_hat.mul_(dot)).mul_(rstd).to(x.dtype)  # rstd·(g_hat - x_hat·mean(g_hat·x_hat))
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """F.rms_norm(x, (D,), weight, eps) that keeps for backward only x and rstd [..., 1]. On the CPU torch
+    decomposes rms_norm and keeps its fp32 input and x·rstd as well (twice the norm's activations: at T=8192
+    optimus kept 72 MiB in RMSNorms against gpt's 36 in LayerNorms); on CUDA, F.rms_norm is a fused kernel that
+    keeps input and rstd when the dtypes agree (autocast runs rms_norm in fp32 there), so it is used as is."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    if x.device.type == "cuda" and (x.dtype == weight.dtype or autocasting(x)):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return _RMSNorm.apply(x, weight, eps)
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square norm: no mean subtraction, no bias (cheaper than LayerNorm)."""
+    """Root-mean-square norm: no mean subtraction, no bias (cheaper than LayerNorm); `rms_norm` keeps half of
+    what F.rms_norm keeps for backward on the CPU."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -102,7 +175,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(dim: int, theta: float, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:

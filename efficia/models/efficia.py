@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from efficia.models.attention import RingKVState
-from efficia.models.blocks import RMSNorm, SwiGLU, check_heads, require
+from efficia.models.blocks import KeepsPreviousNames, RMSNorm, SwiGLU, check_heads, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
 from efficia.models.registry import register
 
@@ -300,7 +300,7 @@ class EfficiaState:
             stage.new_state(batch_size, device, dtype) for stage in mixer.stages())
 
 
-# state_dict names before the stages were modules (issue 20): old checkpoints still load
+# state_dict names before the stages were modules (issue 20): old checkpoints and exports still load
 RENAMED = {"conv": "local.conv", "lcp_qkv.weight": "local.qkv.weight", "gmg_qg.weight": "memory.qg.weight",
            "persistent": "memory.persistent", "mem_kv.weight": "memory.kv.weight", "pool": "summary.pool",
            "compress.weight": "summary.compress.weight", "h0": "recurrence.h0",
@@ -317,9 +317,11 @@ def recomputed(stage: nn.Module, *args) -> Tensor:
     return checkpoint(stage, *args, use_reentrant=False)
 
 
-class EfficiaMixer(Mixer):
+class EfficiaMixer(KeepsPreviousNames, Mixer):
     """The four stages over one call's tokens (a whole sequence, or a cached continuation); the fusion
     (FF) is this module's own: a per-position softmax over (lcp, gmg, ccu), then the output projection."""
+
+    previous_names = RENAMED  # checkpoints and exports written before the split still load
 
     def __init__(self, d_model: int, n_head: int, segment: int, mem_size: int, n_persistent: int,
                  compressed_dim: int, conv_size: int, dropout: float) -> None:
@@ -360,11 +362,6 @@ class EfficiaMixer(Mixer):
     def state_bytes(self, seq_len: int, dtype: torch.dtype) -> int:
         return sum(stage.state_numbers(seq_len) for stage in self.stages()) * dtype.itemsize
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        for old, new in RENAMED.items():  # a checkpoint written before the split
-            if prefix + old in state_dict:
-                state_dict[prefix + new] = state_dict.pop(prefix + old)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 @register("efficia")
