@@ -16,7 +16,7 @@ from efficia.models import build_model
 from efficia.models.efficientlm import ChunkMerge, TemporalLatentAttention, stride_aware_attention, stride_aware_mask
 from efficia.models.optimus import MultiHeadLatentAttention
 from tests.conftest import EXTERNAL_TABLE, ROOT, TINY_VOCAB, build_tiny, write_external_table
-from tests.trained_like import assert_same_forward_and_grads, nbytes, saved_for_backward
+from tests.trained_like import assert_cached_calls_equal, assert_same_forward_and_grads, nbytes, saved_for_backward
 
 EXTERNAL = f"model.external.source={EXTERNAL_TABLE}"
 
@@ -123,11 +123,7 @@ def test_training_call_equals_the_previous_formulation(s: int, T: int) -> None:
                                   lambda xi: reference_training(mixer, xi), x)
     with torch.no_grad():
         want = reference_training(mixer, x)
-        for cuts in ([0, T], [0, 1, T], [0, T // 2, T // 2 + 1, T]):
-            state = mixer.new_state(2, x.device, x.dtype)
-            got = torch.cat([mixer(x[:, a:b], Step(a, b - a, x.device), state)
-                             for a, b in zip(cuts, cuts[1:], strict=False) if b > a], dim=1)
-            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert_cached_calls_equal(mixer, x, want)
 
 
 def test_training_keeps_only_the_attention_tensors_for_backward() -> None:

@@ -16,7 +16,13 @@ from efficia.models.decoder import Step
 from efficia.models.latent import LatentHeads, LatentState
 from efficia.models.optimus import MultiHeadLatentAttention
 from tests.conftest import ROOT, build_tiny
-from tests.trained_like import assert_same_forward_and_grads, nbytes, randomise, saved_for_backward
+from tests.trained_like import (
+    assert_cached_calls_equal,
+    assert_same_forward_and_grads,
+    nbytes,
+    randomise,
+    saved_for_backward,
+)
 
 VOCAB = 41
 
@@ -136,11 +142,7 @@ def test_training_path_equals_the_previous_formulation(T: int, d_q: int | None, 
     mixer.eval()
     with torch.no_grad():
         want = reference_mla_training(mixer, x)
-        for cuts in ([0, T], [0, 1, T], [0, T // 2, T // 2 + 1, T]):
-            state = mixer.new_state(2, x.device, x.dtype)
-            got = torch.cat([mixer(x[:, a:b], Step(a, b - a, x.device), state)
-                             for a, b in zip(cuts, cuts[1:], strict=False) if b > a], dim=1)
-            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert_cached_calls_equal(mixer, x, want)
 
 
 def test_training_keeps_only_the_attention_tensors_for_backward() -> None:

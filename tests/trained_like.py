@@ -74,3 +74,16 @@ def assert_same_forward_and_grads(module: nn.Module, new, reference, x: torch.Te
                        *((f"grad {n}", got[2][n], want[2][n]) for n in want[2])]:
         torch.testing.assert_close(a, b, atol=tol * max(b.abs().max().item(), 1.0), rtol=0,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_cached_calls_equal(mixer: nn.Module, x: torch.Tensor, want: torch.Tensor, tol: float = 1e-10) -> None:
+    """A mixer fed x in pieces through its state (all at once, one token then the rest, a split mid-way)
+    gives `want`, the whole-sequence output."""
+    from efficia.models.decoder import Step
+    T = x.shape[1]
+    with torch.no_grad():
+        for cuts in ([0, T], [0, 1, T], [0, T // 2, T // 2 + 1, T]):
+            state = mixer.new_state(x.shape[0], x.device, x.dtype)
+            got = torch.cat([mixer(x[:, a:b], Step(a, b - a, x.device), state)
+                             for a, b in zip(cuts, cuts[1:], strict=False) if b > a], dim=1)
+            torch.testing.assert_close(got, want, atol=tol, rtol=0)
