@@ -28,7 +28,7 @@ def main() -> None:
     steps, warm, every = (int(args.get(k, d)) for k, d in (("steps", 3000), ("warm", 100), ("every", 250)))
     torch.manual_seed(0)
     cfg = dict(name="gpt", d_model=D, n_layer=L, n_head=H, n_kv_head=None, max_seq_len=T, dropout=0.0, bias=False,
-               pos_emb="rope", rope_theta=10000.0, gradient_checkpointing=False, ffn_hidden=4 * D)
+               pos_emb="rope", rope_theta=10000.0, gradient_checkpointing=False, ffn_hidden=4 * D, tie_embeddings=True)
     net = build_model(cfg, V)
     params = list(net.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
