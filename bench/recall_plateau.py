@@ -3,7 +3,8 @@
     python bench/recall_plateau.py V=8192 D=64 H=2 B=64 lr=3e-3 warm=100 steps=3000   # experiment=recall's recipe
     python bench/recall_plateau.py V=128                                               # the same, small vocabulary
 
-Keys: T P V B L D H lr warm wd steps every (seq_len, pairs, vocab, batch, layers, width, heads, ...). One thread;
+Keys: T P V B L D H lr warm wd steps every seed (seq_len, pairs, vocab, batch, layers, width, heads, ...,
+initialisation seed). One thread;
 the same generator (efficia.data.mqar) and model (efficia.models) as train.py without Lightning, to scan recipes
 fast: AdamW (betas 0.9/0.95, decay on matrices only), clip 1, warmup then cosine to 0.1, logits of the scored
 (answer) rows only, as the framework's output unit. Prints test accuracy and process CPU seconds.
@@ -26,7 +27,7 @@ def main() -> None:
     L, D, H = (int(args.get(k, d)) for k, d in (("L", 2), ("D", 64), ("H", 2)))
     lr, wd = float(args.get("lr", 3e-3)), float(args.get("wd", 0.1))
     steps, warm, every = (int(args.get(k, d)) for k, d in (("steps", 3000), ("warm", 100), ("every", 250)))
-    torch.manual_seed(0)
+    torch.manual_seed(int(args.get("seed", 0)))
     cfg = dict(name="gpt", d_model=D, n_layer=L, n_head=H, n_kv_head=None, max_seq_len=T, dropout=0.0, bias=False,
                pos_emb="rope", rope_theta=10000.0, gradient_checkpointing=False, ffn_hidden=4 * D, tie_embeddings=True)
     net = build_model(cfg, V)
