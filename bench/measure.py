@@ -51,11 +51,15 @@ def peak_bytes_of(step, device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss (whole process)"
 
 
-def run_child(script: str, job: dict) -> dict:
+def run_child(script: str, job: dict, fixed_mmap: bool = True) -> dict:
     """`python <script> --child <job json>` in a fresh process; its last stdout line is the JSON result.
-    A fixed mmap threshold turns off glibc's adaptive one: every large tensor is its own mapping, returned
-    to the system when freed, so resident memory follows live tensors."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    fixed_mmap: a fixed mmap threshold turns off glibc's adaptive one: every large tensor is its own mapping,
+    returned to the system when freed, so resident memory follows live tensors. It also makes every large
+    allocation fault its pages in again (kernel time, counted as the process's): time a pass in a child
+    without it (fixed_mmap=False), as training runs."""
+    env = dict(os.environ)
+    if fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     proc = subprocess.run([sys.executable, script, "--child", json.dumps(job)], capture_output=True, text=True,
                           check=False, env=env)
     if proc.returncode:
