@@ -1,6 +1,7 @@
 """Benchmark every registered architecture on the axes that matter for efficient LMs, side by side in one run.
 
     python bench/models.py scaling                       # fwd+bwd time and peak memory vs T, every model
+    python bench/models.py ratio --seq-lens 8192 --repeats 5 --threads 1  # fwd+bwd time vs the first, interleaved
     python bench/models.py cache                         # cache_bytes per token at T = 1024 and 8192 (seed sizes)
     python bench/models.py decode                        # decode tokens/s with the cache vs without, prefill time
     python bench/models.py train                         # training tokens/s and MFU through the real Lightning loop
@@ -114,6 +115,43 @@ def scaling(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list
               f"memory: {info.get('method')}", "",
               f"| run | T | ms | µs/token | CPU µs/token | µs/token vs T={seq_lens[0]} | peak MiB |",
               "|---|---|---|---|---|---|---|"]
+    return header + lines, records
+
+
+def ratio(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    """forward+backward time against the first run, robust to a drifting machine: every model is built in this
+    one process and the models are timed in turn, `--repeats` rounds; each round's ratios share the machine's
+    state of that minute, and the table gives their median (time per model: its median CPU time)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records, lines = [], []
+    for T in args.seq_lens or [8192]:
+        models = [build(spec, args.scale, T, args.vocab).train() for spec in specs]
+        idx = torch.randint(args.vocab, (args.batch, T))
+
+        def step(model, idx=idx) -> float:
+            start = time.process_time()
+            model(idx).float().logsumexp(-1).mean().backward()
+            model.zero_grad(set_to_none=True)
+            return time.process_time() - start
+
+        for model in models:  # warm-up: kernels, thread pools, the allocator's caches
+            step(model)
+        rounds = [[step(model) for model in models] for _ in range(args.repeats)]
+        for i, spec in enumerate(specs):
+            ratios = [r[i] / r[0] for r in rounds]
+            row = {"spec": spec, "T": T, "median_cpu_s": statistics.median(r[i] for r in rounds),
+                   "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+            records.append(row)
+            lines.append(f"| `{spec}` | {T} | {row['median_cpu_s'] / T * 1e6:.1f} | {row['ratio_median']:.2f}x | "
+                         f"{row['ratio_min']:.2f}x - {row['ratio_max']:.2f}x |")
+            print(lines[-1], file=sys.stderr, flush=True)
+        del models
+    header = [f"forward+backward CPU time, batch {args.batch}, scale={args.scale}, fp32, {torch.get_num_threads()} "
+              f"threads, the models in turn for {args.repeats} rounds in one process; ratio to `{specs[0]}` per round",
+              "", "| run | T | CPU µs/token (median) | ratio (median) | ratio (range) |", "|---|---|---|---|---|"]
     return header + lines, records
 
 
@@ -249,8 +287,8 @@ def write_csv(records: list[dict], out: Path) -> None:
         writer.writerows(records)
 
 
-AXES = {"scaling": scaling, "cache": cache, "decode": decode, "train": train}
-DEFAULT_SCALE = {"scaling": "small", "cache": "seed", "decode": "small", "train": "small"}
+AXES = {"scaling": scaling, "ratio": ratio, "cache": cache, "decode": decode, "train": train}
+DEFAULT_SCALE = {"scaling": "small", "ratio": "small", "cache": "seed", "decode": "small", "train": "small"}
 
 
 def main() -> None:
