@@ -120,6 +120,11 @@ class LoadedModel:
             raise ConfigError(f"unknown sampling option(s) {sorted(unknown)}; known: {', '.join(SAMPLING_KEYS)}")
         return {**self.sampling, **{k: v for k, v in overrides.items() if v is not None}}
 
+    def prompt_text(self, text: str) -> str:
+        """The prompt as its continuation follows it: token ids (`tokenizer=ids`) read "3 70 5 ", each number
+        with its space, so "3 70 5" becomes "3 70 5 " and a continuation never fuses with the last id."""
+        return self.tokenizer.decode(self.tokenizer.encode(text)) if self.tokenizer.kind == "ids" else text
+
     def generate(self, text: str, num_samples: int = 1, seed: int | None = None,
                  on_text: Callable[[str], None] | None = None, **sampling: Any) -> list[str]:
         """Continue `text` num_samples times (one batch); returns prompt + continuation for each.
@@ -127,6 +132,7 @@ class LoadedModel:
         `on_text` receives the first sample's new text as it is produced (streaming).
         """
         opts = check_sampling(self.options(**sampling))
+        text = self.prompt_text(text)
         if not is_int(num_samples) or num_samples < 1:
             raise ConfigError(f"num_samples={num_samples!r}: give a whole number >= 1")
         if seed is not None and (not is_int(seed) or seed < 0):

@@ -19,7 +19,7 @@ def write(text: str) -> None:
 def sample_once(model: LoadedModel, prompt: str, cfg: DictConfig) -> list[str]:
     options = {k: cfg.get(k) for k in SAMPLING_KEYS}
     if cfg.num_samples == 1:  # stream the single sample as it is generated
-        write(prompt)
+        write(model.prompt_text(prompt))
         texts = model.generate(prompt, num_samples=1, seed=cfg.seed, on_text=write, **options)
         write("\n")
         return texts

@@ -195,6 +195,15 @@ def artifacts(trainer: L.Trainer, cfg: DictConfig, loggers: list) -> dict[str, A
     return out
 
 
+def example_prompt(cfg: DictConfig) -> str:
+    """A prompt the run's tokenizer takes: token ids for `tokenizer=ids` (MQAR: a key/value pair, then the key),
+    text otherwise."""
+    if cfg.get("tokenizer") and cfg.tokenizer.get("kind") == "ids":
+        vocab = int(cfg.data.get("vocab_size") or 2)
+        return f"1 {vocab // 2} 1"
+    return "ROMEO:"
+
+
 @rank_zero_only
 def report(result: dict[str, Any], cfg: DictConfig) -> None:
     m = result["metrics"]
@@ -215,5 +224,5 @@ def report(result: dict[str, Any], cfg: DictConfig) -> None:
         lines.append(f"loss curve: {result['loss_curve']}")
     ckpt = result["best_ckpt"] or result["last_ckpt"]
     if ckpt:
-        lines.append(f'sample: python sample.py ckpt={ckpt} prompt="ROMEO:"')
+        lines.append(f'sample: python sample.py ckpt={ckpt} prompt="{example_prompt(cfg)}"')
     print("\n".join(lines))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +25,7 @@ from efficia.data.tokenizers import IdTokenizer, build_tokenizer
 from efficia.errors import ConfigError, DataError, TokenizerError
 from efficia.models import MODELS
 from efficia.module import LanguageModule
+from efficia.sampling_cli import sample
 from efficia.sweep import RECORD, write_report
 from efficia.training import train
 from tests.conftest import CONF
@@ -213,6 +215,18 @@ def test_recall_run_logs_accuracy_per_setting_and_its_record(make_cfg) -> None:
     assert [v["step"] for v in record["val"]] == [2, 4]
     assert set(record["val"][-1]["recall"]) == {"32x4", "64x4", "32x2"}
     assert record["final_recall_acc"] == record["val"][-1]["recall_acc"] == result["metrics"]["val/recall_acc"]
+
+
+def test_the_sample_command_train_prints_works_for_an_ids_run(make_cfg, capsys) -> None:
+    """train() ends by printing a sample command; on token ids its prompt must be ids too (a text prompt is refused
+    by the ids tokenizer), and the command as printed must run."""
+    result = train(make_cfg(*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    line = next(li for li in capsys.readouterr().out.splitlines() if li.startswith("sample: python sample.py"))
+    prompt = re.search(r'prompt="([^"]*)"', line).group(1)
+    assert f"ckpt={result['best_ckpt']}" in line and prompt.split() and all(t.isdigit() for t in prompt.split())
+    texts = sample(make_cfg(f"ckpt={result['best_ckpt']}", f"prompt={prompt!r}", "max_new_tokens=3", "seed=0",
+                            config_name="sample"))
+    assert texts[0].startswith(prompt) and len(texts[0].split()) == len(prompt.split()) + 3
 
 
 def test_compare_recall_sweeps_every_model_on_one_recipe() -> None:
