@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from efficia.cli import run_cli
-from efficia.sampling_cli import sample
+from efficia.inference.sampling_cli import sample
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

@@ -7,13 +7,13 @@ import hydra
 from omegaconf import DictConfig
 
 from efficia.cli import run_cli
-from efficia.training import train
+from efficia.training.run import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     if cfg.plan:  # plan=true: the GPU plan (python -m efficia.plan), nothing trained
-        from efficia.plan import plan_from_hydra
+        from efficia.plan.command import plan_from_hydra
 
         run_cli(plan_from_hydra, cfg)
         return None

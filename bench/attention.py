@@ -34,7 +34,7 @@ def child(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from efficia.models.attention import sliding_window_attention
+    from efficia.models.kernels import sliding_window_attention
 
     device = torch.device(spec["device"])
     if spec["threads"]:

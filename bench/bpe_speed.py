@@ -7,7 +7,7 @@ the same held-out split and training documents the DataModule uses; nanoGPT's pa
 training tokens/s (first step excluded, validation excluded, both sides), MFU (measured FLOPs/token against
 the highest fp32 matmul peak measured between runs), whole-split val loss after the same number of tokens.
 
-Profile (--profile): one process, a bare loop (forward, loss, backward, clip, AdamW) through LanguageModule,
+Profile (--profile): one process, a bare loop (forward, loss, backward, clip, AdamW) through TrainingModule,
 plain and fused alternating: ms/step, kernel (sys) ms/step, minor page faults/step, and the top operators.
 
     python bench/bpe_speed.py --steps 150 --repeats 1
@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from efficia.config import compose_run  # noqa: E402
-from efficia.module import LanguageModule  # noqa: E402
-from efficia.throughput import measure_cpu_peak, training_flops_per_token  # noqa: E402
+from efficia.training.module import TrainingModule  # noqa: E402
+from efficia.training.throughput import measure_cpu_peak, training_flops_per_token  # noqa: E402
 
 NANOGPT_VOCAB = 50304  # nanoGPT's train.py without a meta.pkl: GPT-2's 50,257 padded to a multiple of 64
 
@@ -137,7 +137,7 @@ def profile(args: argparse.Namespace) -> None:
         loops = {}
         for impl in ("plain", "fused"):
             torch.manual_seed(0)
-            module = LanguageModule({**plain_cfg, "loss": {**plain_cfg["loss"], "impl": impl}},
+            module = TrainingModule({**plain_cfg, "loss": {**plain_cfg["loss"], "impl": impl}},
                                     data.tokenizer.state())
             optimizer, _ = module.optimizer_and_schedule(args.steps)
             loops[impl] = (module, optimizer)

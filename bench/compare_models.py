@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from efficia.config import compose_run  # noqa: E402
-from efficia.training import train  # noqa: E402
+from efficia.training.run import train  # noqa: E402
 
 
 def main() -> None:

@@ -30,8 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from efficia.errors import EfficiaError  # noqa: E402
-from efficia.hardware import GPUMemoryBudget  # noqa: E402
-from efficia.plan import GIB, Plan, compose, gib, plan_run, seed_recipes  # noqa: E402
+from efficia.plan.choose import GIB, Plan, plan_run  # noqa: E402
+from efficia.plan.command import compose  # noqa: E402
+from efficia.plan.report import gib  # noqa: E402
+from efficia.plan.table import seed_recipes  # noqa: E402
+from efficia.training.hardware import GPUMemoryBudget  # noqa: E402
 
 
 class TrainingPeak(Callback):
@@ -67,7 +70,7 @@ def run_overrides(recipe: list[str], preset: str, steps: int, val_batch_size: in
 
 def check_recipe(recipe: list[str], preset: str, steps: int, out: Path) -> dict[str, Any]:
     """Plan, then train: the two side by side (peak None without CUDA)."""
-    from efficia.training import train
+    from efficia.training.run import train
 
     plan = plan_run(compose([*recipe, f"trainer={preset}"]))
     micro = plan.configured.micro_batch or 1
@@ -93,7 +96,7 @@ def row(recipe: list[str], preset: str, found: dict[str, Any]) -> str:
 
 def check_flex_attention() -> str:
     """FlexAttention's sliding window equals the chunked path (bf16, forward and backward), on this card."""
-    from efficia.models.attention import chunked_sliding_window_attention, flex_sliding_window_attention
+    from efficia.models.kernels import chunked_sliding_window_attention, flex_sliding_window_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)

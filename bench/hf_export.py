@@ -19,10 +19,11 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import efficia  # noqa: E402
-from efficia.checkpoint import LoadedModel  # noqa: E402
+from efficia.build import build_model
 from efficia.config import compose_run  # noqa: E402
 from efficia.data.tokenizers import TiktokenTokenizer  # noqa: E402
-from efficia.models import MODELS, build_model  # noqa: E402
+from efficia.inference.loading import LoadedModel  # noqa: E402
+from efficia.models import MODELS  # noqa: E402
 from tests.trained_like import randomise  # noqa: E402
 
 PROMPT = "The history of the Roman Empire"

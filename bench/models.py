@@ -46,14 +46,14 @@ def build(spec: str, scale: str, max_seq_len: int, vocab_size: int, device: str 
     import torch
     from omegaconf import OmegaConf
 
-    from efficia.checkpoint import build_net
+    from efficia.build import build_model
     from efficia.config import compose_run
 
     cfg = compose_run([f"scale={scale}", *spec.split(), f"model.max_seq_len={max_seq_len}", "model.dropout=0.0"],
                       ROOT / "outputs" / "bench")
     torch.manual_seed(0)
     with torch.device(device):
-        return build_net(OmegaConf.to_container(cfg.model, resolve=True), vocab_size)
+        return build_model(OmegaConf.to_container(cfg.model, resolve=True), vocab_size)
 
 
 def scaling_child(job: dict) -> dict:
@@ -217,7 +217,7 @@ def decode(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[
 
 
 def train(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[dict]]:
-    """`--steps` real training steps per model (efficia.training.train, default callbacks, no validation
+    """`--steps` real training steps per model (efficia.training.run.train, default callbacks, no validation
     or checkpoints), tokens/s from batch end to batch end, MFU against this CPU's fp32 matmul peak
     measured before and after, and FLOPs per token counted for each model (not 6N)."""
     import torch
@@ -225,7 +225,7 @@ def train(specs: list[str], args: argparse.Namespace) -> tuple[list[str], list[d
 
     from bench.overhead import lightning_loop
     from efficia.config import compose_run
-    from efficia.throughput import measure_cpu_peak, training_flops_per_token
+    from efficia.training.throughput import measure_cpu_peak, training_flops_per_token
 
     if args.threads:
         torch.set_num_threads(args.threads)

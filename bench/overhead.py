@@ -1,4 +1,4 @@
-"""What the framework costs: the real Lightning loop (`efficia.training.train`, default callbacks, CSV logger)
+"""What the framework costs: the real Lightning loop (`efficia.training.run.train`, default callbacks, CSV logger)
 against a bare PyTorch loop over the same model, optimizer, schedule and batches, in one process,
 alternating, with the MFU of each against the fp32 matmul peak measured in the same run.
 
@@ -26,9 +26,9 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from efficia.config import compose_run  # noqa: E402
-from efficia.module import LanguageModule  # noqa: E402
-from efficia.throughput import measure_cpu_peak, training_flops_per_token  # noqa: E402
-from efficia.training import train  # noqa: E402
+from efficia.training.module import TrainingModule  # noqa: E402
+from efficia.training.run import train  # noqa: E402
+from efficia.training.throughput import measure_cpu_peak, training_flops_per_token  # noqa: E402
 
 LIGHTNING = ["logger=csv", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
              "callbacks.checkpoint=null", "callbacks.early_stopping=null"]
@@ -41,7 +41,7 @@ def bare_loop(overrides: list[str], steps: int, out: Path) -> float:
     torch.manual_seed(cfg.seed)
     data = instantiate(cfg.data, tokenizer=plain["tokenizer"])
     data.prepare()
-    module = LanguageModule(plain, data.tokenizer.state())
+    module = TrainingModule(plain, data.tokenizer.state())
     optimizer, schedule = module.optimizer_and_schedule(steps)
     net, clip = module.net.train(), cfg.trainer.gradient_clip_val
     batches = iter(data.train_dataloader())
@@ -100,7 +100,7 @@ def main() -> None:
           f"{peak / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads, medians of {args.repeats}\n"
           f"| loop | tokens/s | MFU |\n|---|---|---|\n"
           f"| bare PyTorch | {bare:,.0f} | {result['bare_mfu']:.0%} |\n"
-          f"| Lightning (efficia.training.train) | {lightning:,.0f} | {result['lightning_mfu']:.0%} |\n"
+          f"| Lightning (efficia.training.run.train) | {lightning:,.0f} | {result['lightning_mfu']:.0%} |\n"
           f"Lightning overhead: {result['overhead']:+.1%}  ({args.out})")
 
 

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import efficia  # noqa: E402
 from bench.models import build  # noqa: E402
 from efficia.config import compose_run  # noqa: E402
-from efficia.module import LanguageModule  # noqa: E402
-from efficia.quantize import quantize_int8  # noqa: E402
-from efficia.training import train  # noqa: E402
+from efficia.inference.quantize import quantize_int8  # noqa: E402
+from efficia.training.module import TrainingModule  # noqa: E402
+from efficia.training.run import train  # noqa: E402
 
 
 def decode_rate(net: torch.nn.Module, new: int, vocab: int) -> float:
@@ -51,7 +51,7 @@ def speeds(make_net, new: int, vocab: int, repeats: int) -> tuple[float, float]:
 
 
 def val_loss(ckpt: str, quantize: bool) -> float:
-    module = LanguageModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
+    module = TrainingModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
     if quantize:
         quantize_int8(module.net)
     data = instantiate(compose_run([f"data.seq_len={module.cfg['data']['seq_len']}"], tempfile.gettempdir()).data,

@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from efficia.build import build_model
 from efficia.data.mqar import make_split, split_batch
-from efficia.models import build_model
 
 
 def main() -> None:

@@ -6,11 +6,39 @@ import os
 import tempfile
 from pathlib import Path
 
+# One thread per test process (and per train.py it starts): the suite runs `-n 2` on 2 cores, and tiny tensors gain
+# nothing from more; two workers' OpenMP teams spinning on the same cores made each step several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from efficia.config import CONF_DIR, compose_run
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch may have been imported before this file
+
+
+def _measure_cpu_peak_once_per_process():
+    """Every fit starts by timing n x n matmuls for the MFU's CPU peak (about a second, more than a tiny run's
+    training). In a test process the CPU and thread count do not change: each dtype is measured for real once,
+    then reused. Calls with explicit sizes (tests/test_throughput.py) always measure."""
+    from efficia.training import throughput
+
+    measure, measured = throughput.measure_cpu_peak, {}
+
+    def once(dtype: str = "fp32", *args, **kwargs) -> float:
+        if args or kwargs:
+            return measure(dtype, *args, **kwargs)
+        key = (dtype, torch.get_num_threads())
+        if key not in measured:
+            measured[key] = measure(dtype)
+        return measured[key]
+
+    throughput.measure_cpu_peak = once
+
+
+_measure_cpu_peak_once_per_process()
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = CONF_DIR
@@ -83,10 +111,10 @@ def tiny_model_cfg(name: str, *overrides: str) -> dict:
 
 def build_tiny(name: str, *overrides: str, vocab_size: int = TINY_VOCAB, seed: int = 0):
     """The tiny model of `name` built from its own yaml, so the yaml is tested too."""
-    from efficia.checkpoint import build_net
+    from efficia.build import build_model
 
     torch.manual_seed(seed)
-    return build_net(tiny_model_cfg(name, *overrides), vocab_size)
+    return build_model(tiny_model_cfg(name, *overrides), vocab_size)
 
 
 @pytest.fixture

@@ -42,3 +42,19 @@ def test_cited_documents_exist() -> None:
             cited.setdefault(f"docs/{name}", str(doc.relative_to(ROOT)))
     missing = {name: source for name, source in cited.items() if not (ROOT / name).is_file()}
     assert cited and not missing, f"documents cited but not in the repository: {missing}"
+
+
+def readme_setup_lines() -> list[str]:
+    """The install and test lines of the README's Quickstart, comments dropped."""
+    block = README.split("\n## Quickstart", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    return [line for line in lines if line.startswith(("pip install", "python -m pytest"))]
+
+
+def test_ci_runs_exactly_the_readme_install_and_test_lines() -> None:
+    """A green CI means a newcomer's run is green: .ci/run's install and test lines are the README's, in order."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    ci_lines = [line for line in ci if line.startswith(("pip install", "python -m pytest", "pytest"))]
+    readme = readme_setup_lines()
+    assert len(readme) >= 3, f"the README's Quickstart lost its install or test line: {readme}"
+    assert ci_lines == readme, f".ci/run runs {ci_lines}; the README says {readme}: make them the same"

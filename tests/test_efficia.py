@@ -1,6 +1,6 @@
 """EFFICIA-specific tests: the chunked LCP against a per-token reference, what each token may see at a
 segment boundary (GMG, CCU, pooling), the FIFO after more than mem_size segments, decoding past
-max_seq_len at constant memory, and the model split by stage (issue 20) against the previous single
+max_seq_len at constant memory, and the model split by stage against the previous single
 mixer class, kept at the end of this file as the reference, on trained-like weights. The generic contract
 (causality, cache == forward, cache bytes) over the whole registry lives in test_models.py.
 """
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from efficia.errors import ConfigError
 from efficia.models.attention import RingKVState
-from efficia.models.blocks import check_heads, require
+from efficia.models.construction import check_heads, require
 from efficia.models.decoder import Mixer, Step
 from efficia.models.efficia import EPS, RENAMED, feature_map, window_linear_attention
 from tests.conftest import build_tiny
@@ -185,7 +185,7 @@ def test_small_experiment_is_the_seed_small_recipe(make_cfg):
     assert (cfg.data.seq_len, cfg.data.batch_size, cfg.optimizer.lr, cfg.tokenizer.kind) == (512, 64, 1e-4, "char")
 
 
-# ---- the split model (issue 20) against the previous single mixer class ----
+# ---- the model split by stage against a single-mixer reference ----
 
 def previous_and_split(*overrides: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """The tiny model with the previous mixer class, trained-like weights in float64, and the split model
@@ -438,7 +438,7 @@ class PreviousEfficiaMixer(Mixer):
 
 
 
-# ---- the long-context rewrites (issue 23) against the previous formulations, trained-like weights ----
+# ---- the long-context formulations against the direct ones, trained-like weights ----
 
 @pytest.mark.parametrize(("q_len", "k_len", "window"), [(1, 1, 4), (1, 4, 4), (1, 9, 4), (8, 8, 4), (13, 13, 4),
                                                       (7, 10, 4), (2, 30, 4), (21, 21, 1), (64, 64, 16)])
@@ -554,7 +554,7 @@ def saved_for_backward(mixer: nn.Module, x: Tensor) -> float:
 
 
 def test_training_keeps_few_activations_per_mixer():
-    """Issue 23: in training the LCP and GMG keep only their inputs and output for backward (their score
+    """In training the LCP and GMG keep only their inputs and output for backward (their score
     blocks, padded and regrouped copies are recomputed in backward), so a mixer keeps under 10 tensors the
     size of its input (x, the three streams, the fused sum, the pooling's segment view, ...), about 25 without."""
     mixer = tiny_mixer()

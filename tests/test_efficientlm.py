@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from efficia.build import build_model
 from efficia.config import compose_run
 from efficia.errors import ConfigError
-from efficia.models import build_model
 from efficia.models.efficientlm import ChunkMerge, TemporalLatentAttention, stride_aware_attention, stride_aware_mask
 from efficia.models.optimus import MultiHeadLatentAttention
 from tests.conftest import EXTERNAL_TABLE, ROOT, TINY_VOCAB, build_tiny, write_external_table
@@ -253,7 +253,7 @@ def test_adapter_source_can_be_another_efficia_checkpoint(make_cfg, tmp_path) ->
     """A checkpoint written by train.py is a source: its token embeddings become the frozen table, and the
     checkpoint of the adapter run samples (the table travels inside it)."""
     import efficia
-    from efficia.training import train
+    from efficia.training.run import train
     from tests.conftest import require_data
 
     require_data()
@@ -296,7 +296,7 @@ def test_seed_sizes() -> None:
 def test_seed_recipe(make_cfg) -> None:
     """experiment=efficientlm_seed: seed sizes, GPT-2 tokens, constant 3e-4, wd 0.1, betas 0.9/0.95, clip 1.0,
     bf16 autocast where bf16 runs (fp16 otherwise), whatever trainer preset is picked."""
-    from efficia.module import warmup_cosine
+    from efficia.training.module import warmup_cosine
 
     for trainer in ("cpu", "rtx3060"):
         cfg = make_cfg("experiment=efficientlm_seed", f"trainer={trainer}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from efficia.generate import apply_top_p, generate
+from efficia.inference.generate import apply_top_p, generate
 from tests.conftest import build_tiny
 from tests.trained_like import randomise
 

@@ -1,4 +1,4 @@
-"""Export to Hugging Face transformers (efficia/hf): every registered model and flag variant (tests/test_models.py's
+"""Export to Hugging Face transformers (inference/hf): every registered model and flag variant (tests/test_models.py's
 VARIANTS) is exported at tiny scale with trained-like weights and loaded by transformers in a separate process
 where efficia cannot be imported; its logits equal ours within 1e-4 (fp32) and its greedy generate() of 32 tokens
 is ours token for token. Native folders (optimus, gpt) need no remote code; the rest carry efficia's own source.
@@ -19,15 +19,16 @@ import torch
 from omegaconf import OmegaConf
 
 import efficia
-from efficia.checkpoint import LoadedModel, build_net
+from efficia.build import build_model
 from efficia.config import compose_run
 from efficia.data.tokenizers import ByteTokenizer, CharTokenizer, TiktokenTokenizer
 from efficia.errors import CheckpointError, ConfigError
-from efficia.export import main as export_main
-from efficia.generate import generate
-from efficia.hf import native, remote
+from efficia.inference.export import main as export_main
+from efficia.inference.generate import generate
+from efficia.inference.hf import native, remote_code
+from efficia.inference.loading import LoadedModel
 from efficia.models import MODELS
-from efficia.training import train
+from efficia.training.run import train
 from tests.conftest import ROOT, TINY_VOCAB, build_tiny, require_data
 from tests.test_models import VARIANTS
 from tests.trained_like import randomise
@@ -55,7 +56,7 @@ def trained_like(name: str, variant: tuple[str, ...], seed: int = 0) -> LoadedMo
     """Tiny `name` with trained-like weights (gates and merges far from neutral, peaked logits: no near-ties)."""
     cfg = OmegaConf.to_container(compose_run([f"model={name}", "scale=tiny", *variant, LONG], "/tmp"), resolve=True)
     torch.manual_seed(seed)
-    net = randomise(build_net(cfg["model"], TINY_VOCAB), seed)
+    net = randomise(build_model(cfg["model"], TINY_VOCAB), seed)
     return LoadedModel(net.eval(), CharTokenizer(CHARS), cfg)
 
 
@@ -86,6 +87,11 @@ LOADER = textwrap.dedent("""
                          "ids": tokenizer(job["text"])["input_ids"], "text": tokenizer.decode(job["ids"])}
     torch.save(results, sys.argv[2])
 """)
+
+
+# The tests of `exported` share one worker under `pytest -n` (--dist loadgroup): the fixture, and its transformers
+# process, then runs once rather than once per worker.
+EXPORTED = pytest.mark.xdist_group("hf-exported")
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +129,7 @@ def exported(tmp_path_factory) -> dict[str, dict]:
     return cases
 
 
+@EXPORTED
 @pytest.mark.parametrize("case", [*CASE_IDS, REMOTE_ANYWAY])
 def test_transformers_computes_what_efficia_computes(exported, case: str) -> None:
     got = exported[case]
@@ -133,6 +140,7 @@ def test_transformers_computes_what_efficia_computes(exported, case: str) -> Non
     assert theirs["ids"] == got["ids"] and theirs["text"] == got["text"]
 
 
+@EXPORTED
 @pytest.mark.parametrize("case", [*CASE_IDS, REMOTE_ANYWAY])
 def test_an_exported_folder_imports_back_as_the_same_model(exported, case: str) -> None:
     got = exported[case]
@@ -143,6 +151,7 @@ def test_an_exported_folder_imports_back_as_the_same_model(exported, case: str) 
         assert torch.equal(loaded.net(got["idx"]), got["logits"])
 
 
+@EXPORTED
 def test_native_folders_carry_no_code_and_remote_folders_carry_efficias(exported) -> None:
     for case, got in exported.items():
         files = {p.name for p in got["folder"].iterdir()}
@@ -152,33 +161,34 @@ def test_native_folders_carry_no_code_and_remote_folders_carry_efficias(exported
             assert not any(f.endswith(".py") for f in files) and "auto_map" not in config, case
         else:
             assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_efficia.EfficiaForCausalLM", case
-            assert {"modeling_efficia.py", "configuration_efficia.py", "decoder.py", "blocks.py"} <= files, case
+            assert {"modeling_efficia.py", "configuration_efficia.py", "decoder.py", "construction.py", "layers.py",
+                    "kernels.py"} <= files, case
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_remote_code_is_efficias_source_with_only_its_imports_rewritten(name: str) -> None:
     """The bundle is generated from the model's own modules: no line but an import may differ from efficia's."""
-    files = remote.remote_files(build_tiny(name))
+    files = remote_code.remote_files(build_tiny(name))
     module = MODELS[name].__module__.rsplit(".", 1)[-1]
-    assert f"from .{module} import {MODELS[name].__name__}" in files[remote.MODELING]
+    assert f"from .{module} import {MODELS[name].__name__}" in files[remote_code.MODELING]
     sources = {Path(m.__file__).name: Path(m.__file__) for m in map(sys.modules.get, list(sys.modules))
                if m is not None and (m.__name__.startswith("efficia.models.") or m.__name__ == "efficia.errors")}
     for file_name, bundled in files.items():
-        if file_name in (remote.MODELING, remote.CONFIGURATION):
+        if file_name in (remote_code.MODELING, remote_code.CONFIGURATION):
             continue
         original = sources[file_name].read_text().splitlines()
         assert len(bundled.splitlines()) == len(original), file_name
         for ours, theirs in zip(original, bundled.splitlines(), strict=True):
             assert ours == theirs or (ours.lstrip().startswith("from efficia.") and theirs.lstrip().startswith(
                 "from .")), f"{file_name}: {ours!r} became {theirs!r}"
-        assert "efficia" not in " ".join(remote.efficia_imports(bundled))
+        assert "efficia" not in " ".join(remote_code.efficia_imports(bundled))
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "gpt2"])
 def test_tokenizers_round_trip_through_autotokenizer(kind: str, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from efficia.hf.tokenizer import hf_tokenizer
+    from efficia.inference.hf.tokenizer import hf_tokenizer
 
     require_data()
     data = Path(os.environ["EFFICIA_DATA_DIR"])
@@ -220,6 +230,7 @@ def test_a_wrong_permutation_is_caught_before_anything_is_written(monkeypatch, t
     assert list(tmp_path.iterdir()) == []
 
 
+@EXPORTED
 def test_a_folder_missing_a_tensor_fails_in_one_line(exported, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -238,7 +249,7 @@ def test_a_folder_missing_a_tensor_fails_in_one_line(exported, tmp_path: Path) -
 
 
 def test_an_export_made_before_efficias_split_loads(tmp_path: Path) -> None:
-    """An efficia export whose tensors carry the names from before the mixer was split into stages (issue 20)
+    """An efficia export whose tensors carry the names from before the mixer was split into stages (docs/CHANGELOG.md)
     imports back through the renaming checkpoints get (`RENAMED`), to the same logits."""
     from safetensors.torch import load_file, save_file
 

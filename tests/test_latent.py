@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from efficia.errors import ConfigError
-from efficia.models.blocks import causal_mask, rope_tables
+from efficia.models.kernels import causal_mask
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState
+from efficia.models.layers import rope_tables
 
 B, H, D, DV, DC, DR, DM = 2, 3, 8, 6, 10, 4, 24
 

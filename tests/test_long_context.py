@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from efficia.training import train
+from efficia.training.run import train
 from tests.conftest import CONF, require_data
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from efficia.errors import ConfigError
 from efficia.models import lumenspark
-from efficia.models.blocks import attend_sink, softmax_with_lse, with_sink
+from efficia.models.kernels import attend_sink, softmax_with_lse, with_sink
 from efficia.models.lumenspark import (
     BlockLinformerAttention,
     LowRankFeedForward,

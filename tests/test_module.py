@@ -1,4 +1,4 @@
-"""LanguageModule pieces: schedule, decay groups, bits per byte, hardware arithmetic."""
+"""TrainingModule pieces: schedule, decay groups, bits per byte, hardware arithmetic."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from efficia.errors import ConfigError
-from efficia.hardware import memory_fraction, plan_accumulation, search_micro_batch
-from efficia.module import BitsPerByte, LanguageModule, warmup_cosine
+from efficia.training.hardware import memory_fraction, plan_accumulation, search_micro_batch
+from efficia.training.module import BitsPerByte, TrainingModule, warmup_cosine
 from tests.conftest import tiny_model_cfg
 
 
@@ -29,10 +29,10 @@ def test_bits_per_byte_weighs_by_target_bytes() -> None:
     assert metric.compute().item() == pytest.approx(4 / 8)  # 4 bits over 8 bytes
 
 
-def tiny_module(optimizer: dict) -> LanguageModule:
+def tiny_module(optimizer: dict) -> TrainingModule:
     cfg = {"model": tiny_model_cfg("gpt", "model.n_layer=1", "model.bias=true", "model.pos_emb=learned"),
            "optimizer": optimizer, "scheduler": {"warmup_steps": 2, "min_lr_ratio": 0.1}}
-    return LanguageModule(cfg, {"kind": "char", "chars": "abcdef"})
+    return TrainingModule(cfg, {"kind": "char", "chars": "abcdef"})
 
 
 @pytest.mark.parametrize("target", ["torch.optim.AdamW", "torch.optim.Adafactor"])
@@ -82,7 +82,7 @@ def test_micro_batch_search_takes_the_largest_that_fits_then_plans_accumulation(
 
 def test_optimizer_state_is_measured_for_the_configured_optimizer() -> None:
     """The GPU micro-batch planner counts AdamW's two moments, but Adafactor's factored rows + columns."""
-    from efficia.hardware import optimizer_state_bytes
+    from efficia.training.hardware import optimizer_state_bytes
 
     params = [torch.nn.Parameter(torch.zeros(300, 200)), torch.nn.Parameter(torch.zeros(300, 200)),
               torch.nn.Parameter(torch.zeros(200))]

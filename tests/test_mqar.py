@@ -23,11 +23,11 @@ from efficia.data.base import IGNORE, DataModule
 from efficia.data.mqar import FreshBatches, MQARDataModule, make_split, pair_hash, split_batch
 from efficia.data.tokenizers import IdTokenizer, build_tokenizer
 from efficia.errors import ConfigError, DataError, TokenizerError
+from efficia.inference.sampling_cli import sample
 from efficia.models import MODELS
-from efficia.module import LanguageModule
-from efficia.sampling_cli import sample
-from efficia.sweep import RECORD, write_report
-from efficia.training import train
+from efficia.training.module import TrainingModule
+from efficia.training.run import train
+from efficia.training.sweep import RECORD, write_report
 from tests.conftest import CONF
 
 TINY = ["experiment=recall", "scale=tiny", "logger=csv", "callbacks.progress_bar=null", "model.max_seq_len=64",
@@ -142,12 +142,12 @@ class Oracle(nn.Module):
         return MARGIN * nn.functional.one_hot(answer, self.vocab).float() + self.bias             # [B, T, V]
 
 
-def oracle_module(make_cfg, miss: bool = False) -> tuple[LanguageModule, MQARDataModule]:
+def oracle_module(make_cfg, miss: bool = False) -> tuple[TrainingModule, MQARDataModule]:
     cfg = make_cfg(*TINY)
     plain = OmegaConf.to_container(cfg, resolve=True)
     dm = instantiate(cfg.data, tokenizer=plain["tokenizer"])
     dm.prepare()
-    module = LanguageModule(plain, dm.tokenizer.state())
+    module = TrainingModule(plain, dm.tokenizer.state())
     module.net = Oracle(cfg.data.vocab_size, miss)
     return module, dm
 

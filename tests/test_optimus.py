@@ -9,9 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from efficia.build import build_model
 from efficia.config import compose_run
 from efficia.errors import ConfigError
-from efficia.models import build_model
 from efficia.models.decoder import Step
 from efficia.models.latent import LatentHeads, LatentState
 from efficia.models.optimus import MultiHeadLatentAttention

@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from efficia.checks import check_run_config
 from efficia.config import compose_run
 from efficia.errors import ConfigError
-from efficia.generate import generate
+from efficia.inference.generate import generate
 from efficia.models import MODELS
 from efficia.models.output import linear_cross_entropy
-from efficia.module import LanguageModule
+from efficia.training.module import TrainingModule
 
 N, C, V = 39, 16, 50  # 39 tokens: chunks of 5, 7, 16 and 38 all leave a ragged last chunk
 
@@ -117,17 +117,17 @@ def test_bad_loss_config_is_one_line(make_cfg) -> None:
             check_run_config(OmegaConf.to_container(make_cfg("scale=tiny", override), resolve=True))
 
 
-def tiny_module(name: str, tmp_path, impl: str, *overrides: str) -> LanguageModule:
+def tiny_module(name: str, tmp_path, impl: str, *overrides: str) -> TrainingModule:
     cfg = OmegaConf.to_container(compose_run(["scale=tiny", f"model={name}", f"loss.impl={impl}",
                                               "loss.chunk_mb=0.00046", *overrides], tmp_path), resolve=True)
     torch.manual_seed(0)
-    module = LanguageModule(cfg, {"kind": "char", "chars": "abcdefghijklmnopq"})  # V 17: chunks of 7 rows
+    module = TrainingModule(cfg, {"kind": "char", "chars": "abcdefghijklmnopq"})  # V 17: chunks of 7 rows
     for p in module.parameters():  # trained-like weights: larger than init, so logits are far from uniform
         p.data.add_(torch.randn_like(p) * 0.05)
     return module
 
 
-def batch(module: LanguageModule, b: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(module: TrainingModule, b: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     T = module.cfg["data"]["seq_len"]
     g = torch.Generator().manual_seed(1)
     x = torch.randint(module.tokenizer.vocab_size, (b, T), generator=g)
@@ -139,7 +139,7 @@ def batch(module: LanguageModule, b: int = 3) -> tuple[torch.Tensor, torch.Tenso
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_model_module_loss_fused_equals_plain(name: str, tmp_path) -> None:
-    """Through LanguageModule.loss (training) and token_losses (validation): same values, same gradient on
+    """Through TrainingModule.loss (training) and token_losses (validation): same values, same gradient on
     every parameter, tied (gpt, efficia, ...) and untied (lumenspark, yinggem) heads alike."""
     fused, plain = tiny_module(name, tmp_path, "fused"), tiny_module(name, tmp_path, "plain")
     plain.load_state_dict(fused.state_dict())
@@ -174,7 +174,7 @@ def test_untied_gpt_head_fused_equals_plain(tmp_path) -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
 
 
-def fit_and_validate(module: LanguageModule, xb, yb, tmp_path) -> dict[str, float]:
+def fit_and_validate(module: TrainingModule, xb, yb, tmp_path) -> dict[str, float]:
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         num_sanity_val_steps=0)

@@ -10,22 +10,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from efficia.plan import (
-    GIB,
-    PARTS,
-    TABLE_END,
-    TABLE_START,
-    Memory,
-    compose,
-    main,
-    measure_step,
-    measure_step_on_cpu,
-    plan_command,
-    seed_recipes,
-    step_memory,
-    tokenizer_state,
-    write_table,
-)
+from efficia.plan.__main__ import main
+from efficia.plan.choose import GIB, step_memory, tokenizer_state
+from efficia.plan.command import compose, plan_command
+from efficia.plan.measure import PARTS, Memory, measure_step, measure_step_on_cpu
+from efficia.plan.table import TABLE_END, TABLE_START, seed_recipes, write_table
 from tests.conftest import CONF, ROOT
 
 # Three sizes, each leaning on different parts, so that leaving any part out of the sum misses the measured peak
@@ -76,10 +65,10 @@ def test_every_part_of_the_sum_is_needed(predicted_and_measured) -> None:
 
 def test_a_tied_head_is_counted_once() -> None:
     """The model is built on the meta device and made fake: the tied embedding/head stays one tensor."""
-    from efficia.module import LanguageModule
+    from efficia.training.module import TrainingModule
 
     cfg, tokenizer = run_config(SIZES["transient"][0])
-    module = LanguageModule(cfg, tokenizer)
+    module = TrainingModule(cfg, tokenizer)
     real = sum({id(t): t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())}.values())
     assert module.net.lm_head.weight is module.net.tok_emb.weight
     assert measure_step(cfg, tokenizer, 1, 1).parameters == real
@@ -88,9 +77,10 @@ def test_a_tied_head_is_counted_once() -> None:
 def test_attention_dropout_is_planned_as_cudas_fused_kernel() -> None:
     """On a CPU, attention with dropout saves [T, T] probabilities; CUDA's fused SDPA keeps a seed. The plan measures
     CUDA's way: dropout adds its layers' masks, not T-squared scores (which the real CPU step does hold)."""
+    import torch
     import torch.nn.functional as F
 
-    from efficia.models import blocks
+    from efficia.models.kernels import attend
 
     sdpa = F.scaled_dot_product_attention
     base = ["model=gpt", "scale=tiny", "tokenizer=byte", "model.max_seq_len=512", "data.batch_size=1"]
@@ -99,7 +89,28 @@ def test_attention_dropout_is_planned_as_cudas_fused_kernel() -> None:
     without, with_dropout = measure_step(plain, tokenizer, 1, 1), measure_step(dropped, tokenizer, 1, 1)
     assert without.activations < with_dropout.activations < 1.5 * without.activations
     assert measure_step_on_cpu(dropped, tokenizer, 1, 1) > 2 * with_dropout.peak  # the CPU's own math path
-    assert F.scaled_dot_product_attention is sdpa and not blocks.SDPA_DROPOUT_ON_CPU  # restored after the plan
+    assert F.scaled_dot_product_attention is sdpa  # torch itself is never patched
+    q = torch.randn(1, 2, 8, 4)
+    assert not torch.equal(attend(q, q, q, 0.5), attend(q, q, q))  # after the plan, attention drops weights again
+
+
+def test_gpu_attention_on_cpu_keeps_dropout_inside_sdpa() -> None:
+    """Inside the switch, attention dropout is SDPA's own (the fused CUDA kernel's memory: nothing dropped on a CPU)
+    along every path (`attend`, `sdpa`, the sliding-window kernels); outside, and after it nests, a CPU drops."""
+    import torch
+
+    from efficia.models.kernels import attend, gpu_attention_on_cpu, sdpa, sliding_window_attention
+
+    q = torch.randn(1, 2, 24, 4)
+    exact = (attend(q, q, q), sdpa(q, q, q, is_causal=True), sliding_window_attention(q, q, q, 5))
+    with gpu_attention_on_cpu():
+        with gpu_attention_on_cpu():
+            pass
+        dropped = (attend(q, q, q, 0.5), sdpa(q, q, q, is_causal=True, dropout_p=0.5),
+                   sliding_window_attention(q, q, q, 5, 0.5))
+    for got, want in zip(dropped, exact, strict=True):
+        torch.testing.assert_close(got, want)
+    assert not torch.equal(attend(q, q, q, 0.5), exact[0])
 
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
@@ -157,8 +168,11 @@ def test_an_impossible_run_is_one_line_and_a_non_zero_exit() -> None:
     (["model=nonexistent"], "error: "),
     (["model=gpt", "scale=tiny", "trainer=rtx3060", "trainer.precision=8-weird"], "error: trainer.precision="),
     (["model=gpt", "scale=tiny", "trainer=rtx3060", "data.seq_len=64"], "error: data.seq_len=64 is longer"),
-    (["model=gpt", "scale=tiny", "--mfu", "2"], "error: --mfu=2.0"),
-    (["--table", "-", "model=gpt"], "error: --table plans the seed recipes"),
+    (["model=gpt", "scale=tiny", "mfu=2"], "error: mfu=2.0"),
+    (["model=gpt", "scale=tiny", "mfu=lots"], "error: mfu='lots' is not a number"),
+    (["model=gpt", "scale=tiny", "--mfu", "0.3"], "error: '--mfu' is not a key=value option"),
+    (["table=-", "model=gpt"], "error: table= plans the seed recipes"),
+    (["table=no/such/page.md"], "error: table=no/such/page.md: no such page"),
 ])
 def test_bad_input_is_one_line(argv: list[str], expected: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -168,11 +182,49 @@ def test_bad_input_is_one_line(argv: list[str], expected: str, capsys) -> None:
     assert len(err) == 1 and err[0].startswith(expected), err
 
 
-def test_train_py_plan_true_is_the_same_plan(tmp_path: Path) -> None:
-    """Two doors, one function: the same text from train.py plan=true as from python -m efficia.plan."""
+def test_the_commands_own_options_are_key_value(tmp_path: Path, monkeypatch, capsys) -> None:
+    """mfu=, context_gb= and table= are the command's; every other key=value goes to train.py's config. The table
+    itself (minutes) is stood in for: what is checked is that table=- prints it and table=PAGE writes it."""
+    from efficia.plan import __main__ as command
+    from efficia.plan.choose import ASSUMED_MFU, CUDA_CONTEXT_GB
+
+    assert f"mfu={ASSUMED_MFU:g} " in command.__doc__ and f"context_gb={CUDA_CONTEXT_GB:g} " in command.__doc__
+    main(["model=gpt", "mfu=0.5", "scale=tiny", "context_gb=1", "trainer=rtx3060"])
+    out = capsys.readouterr().out
+    assert "- 1 GiB CUDA context = 9.80 GiB" in out and "step time at 50% MFU" in out
+    made = []
+    monkeypatch.setattr(command, "table", lambda mfu, context_gb: made.append((mfu, context_gb)) or "| table |")
+    main(["table=-", "mfu=0.4", "context_gb=1"])
+    assert made == [(0.4, 1.0)] and capsys.readouterr().out == "| table |\n"
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{TABLE_START}\nold\n{TABLE_END}\n")
+    main([f"table={page}"])
+    assert made[-1] == (0.3, 0.5) and page.read_text() == f"intro\n{TABLE_START}\n| table |\n{TABLE_END}\n"
+
+
+def test_an_external_table_is_planned(tmp_path: Path, capsys) -> None:
+    """efficientlm's frozen external table, read from model.external.source by the one model factory: the plan
+    builds the model as training does (the table a buffer), and the fake-tensor step runs with it."""
+    import torch
+    from safetensors.torch import save_file
+
+    source = tmp_path / "table.safetensors"
+    save_file({"table": torch.randn(65, 24)}, str(source))  # tokenizer=char on tiny Shakespeare: 65 ids
+    main(["model=efficientlm", f"model.external.source={source}", "scale=tiny", "trainer=rtx3060"])
+    out = capsys.readouterr().out
+    assert out.startswith("efficientlm: ") and "vocab 65" in out and "micro-batch x accumulation" in out
+    cfg, tokenizer = run_config(["model=efficientlm", f"model.external.source={source}", "scale=tiny"])
+    without, _ = run_config(["model=efficientlm", "scale=tiny"])
+    assert (measure_step(cfg, tokenizer, 1, 1).parameters - measure_step(without, tokenizer, 1, 1).parameters
+            >= 65 * 24 * 4)  # the table (fp32) is counted with the parameters and buffers
+
+
+def test_train_py_plan_true_is_the_same_plan(tmp_path: Path, capsys) -> None:
+    """Two doors, one function: the same text from train.py plan=true (a real process) as from python -m efficia.plan
+    (its main, here; the module's own process: test_an_impossible_run_is_one_line_and_a_non_zero_exit)."""
     args = ["model=yinggem", "scale=tiny", "trainer=rtx4090"]
-    by_module = subprocess.run([sys.executable, "-m", "efficia.plan", *args], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout
+    main(args)
+    by_module = capsys.readouterr().out
     by_train = subprocess.run([sys.executable, "train.py", *args, "plan=true", f"hydra.run.dir={tmp_path}/run"],
                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "rtx 4090 preset" in by_module and by_train == by_module
@@ -193,7 +245,7 @@ def test_the_docs_table_is_regenerated_between_its_markers(tmp_path: Path) -> No
     write_table(page, "| new |")
     assert page.read_text() == f"intro\n{TABLE_START}\n| new |\n{TABLE_END}\noutro\n"
     docs = (ROOT / "docs" / "gpu-plan.md").read_text()
-    assert TABLE_START in docs and TABLE_END in docs and "python -m efficia.plan --table docs/gpu-plan.md" in docs
+    assert TABLE_START in docs and TABLE_END in docs and "python -m efficia.plan table=docs/gpu-plan.md" in docs
     body = docs.split(TABLE_START)[1].split(TABLE_END)[0]
     assert all(f"`{' '.join(r)}`" in body for r in seed_recipes()), "docs/gpu-plan.md is stale: regenerate it"
     page.write_text("no markers")

@@ -15,14 +15,14 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 import efficia
-from efficia import pretrained
-from efficia.checkpoint import LoadedModel
 from efficia.data.tokenizers import CharTokenizer
 from efficia.errors import CheckpointError
-from efficia.export import main as export_main
+from efficia.inference import pretrained
+from efficia.inference.export import main as export_main
+from efficia.inference.loading import LoadedModel
+from efficia.inference.sampling_cli import sample
 from efficia.models import MODELS
-from efficia.sampling_cli import sample
-from efficia.training import train
+from efficia.training.run import train
 from tests.conftest import ROOT, TINY_VOCAB, build_tiny, require_data
 
 CHARS = "".join(chr(c) for c in range(ord("a"), ord("a") + TINY_VOCAB))  # 37 distinct characters
@@ -160,7 +160,7 @@ def test_export_cli_and_sample_from_the_folder(make_cfg, tmp_path: Path, capsys)
     assert "Traceback" not in proc.stderr and not Path(f"{out}2").exists()
     with pytest.raises(SystemExit):
         export_main([f"ckpt={ckpt}"])
-    assert "missing out; usage: python -m efficia.export" in capsys.readouterr().err
+    assert "missing out=; usage: python -m efficia.export" in capsys.readouterr().err
 
 
 def test_a_failed_export_leaves_nothing_behind(make_cfg, tmp_path: Path, monkeypatch) -> None:

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from efficia.errors import ConfigError
-from efficia.models.blocks import keeps_float
-from efficia.quantize import check_mode, quantize_int8
-from efficia.sampling_cli import sample
-from efficia.training import train
+from efficia.inference.quantize import check_mode, quantize_int8
+from efficia.inference.sampling_cli import sample
+from efficia.models.construction import keeps_float
+from efficia.training.run import train
 from tests.conftest import EXTERNAL_TABLE, TINY_VOCAB, build_tiny, require_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from efficia.errors import CheckpointError, ConfigError, DataError, Stopped, TrainingError
-from efficia.training import train
+from efficia.training.run import train
 from tests.conftest import ROOT, require_data
 
 # a tiny run that validates on a few batches and exercises the RNG (dropout)
@@ -245,7 +245,7 @@ def test_kill_9_leaves_a_loadable_last_checkpoint(tmp_path: Path) -> None:
 
 SAVER = """
 import sys, torch
-from efficia.reliability import atomic_torch_save
+from efficia.training.checkpointing import atomic_torch_save
 i = 0
 while True:
     i += 1
@@ -269,7 +269,7 @@ def test_killing_a_save_never_leaves_a_broken_file(tmp_path: Path) -> None:
         ckpt = torch.load(target, weights_only=True)
         assert torch.equal(ckpt["x"], torch.full((4_000_000,), float(ckpt["i"])))
         assert not list(elsewhere.iterdir())  # nothing goes through $TMPDIR
-    from efficia.reliability import remove_stale_temporaries
+    from efficia.training.checkpointing import remove_stale_temporaries
 
     remove_stale_temporaries(target.parent)
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]

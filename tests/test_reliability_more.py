@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from efficia.errors import CheckpointError, Stopped, TrainingError
-from efficia.training import train
+from efficia.training.run import train
 from tests.conftest import require_data
 from tests.test_reliability import BASE, assert_same_weights, weights
 

@@ -1,4 +1,4 @@
-"""blocks.rms_norm (issue 23): the same values and gradients as the previous RMSNorm (F.rms_norm, kept here as the
+"""layers.rms_norm: the same values and gradients as the previous RMSNorm (F.rms_norm, kept here as the
 reference) at several shapes and dtypes, under bf16 autocast too, keeping only x and rstd for backward, on fake
 tensors and the meta device as well, and through whole models."""
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from efficia.models import blocks
-from efficia.models.blocks import RMSNorm, rms_norm
+from efficia.models import layers
+from efficia.models.layers import RMSNorm, rms_norm
 from tests.conftest import TINY_VOCAB
 from tests.memory import saved_tensors
 from tests.trained_like import randomise
@@ -104,7 +104,7 @@ def test_rms_norm_module_uses_it_in_training_only() -> None:
 
 
 def test_on_fake_tensors_and_the_meta_device() -> None:
-    """efficia.plan counts memory on fake tensors and builds models on the meta device: both run it, backward
+    """efficia.plan.measure counts memory on fake tensors and builds models on the meta device: both run it, backward
     included, with the shapes and dtypes of real tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -135,7 +135,7 @@ def test_models_equal_the_previous_rms_norm(name, tiny_model, monkeypatch) -> No
 
     got = run()
     with monkeypatch.context() as patch:
-        patch.setattr(blocks, "rms_norm", reference_rms_norm)
+        patch.setattr(layers, "rms_norm", reference_rms_norm)
         want = run()
     assert got[1].keys() == want[1].keys()
     norm_gains = [n for n, m in model.named_modules() if isinstance(m, RMSNorm)]

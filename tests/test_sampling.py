@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import efficia.generate as generate_module
+import efficia.inference.generate as generate_module
 from efficia.errors import ConfigError
-from efficia.generate import (
+from efficia.inference.generate import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
@@ -132,7 +132,8 @@ def test_generate_runs_past_a_bounded_context_and_streams() -> None:
 
 def test_sampling_does_not_import_the_training_stack() -> None:
     """sample.py starts fast: neither Lightning nor W&B is imported to sample from a checkpoint."""
-    code = "import sys, efficia.cli, efficia.sampling_cli; print(sorted({'lightning', 'wandb'} & set(sys.modules)))"
+    code = ("import sys, efficia.cli, efficia.inference.sampling_cli; "
+            "print(sorted({'lightning', 'wandb'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -140,8 +141,8 @@ def test_sampling_does_not_import_the_training_stack() -> None:
 def test_streamed_bpe_text_equals_the_result_and_decodes_each_token_once(monkeypatch) -> None:
     """With GPT-2 byte tokens a character can span tokens: the stream waits for it, shows exactly the final
     text, and decodes each new token once (not the whole continuation at every step)."""
-    from efficia.checkpoint import LoadedModel
     from efficia.data.tokenizers import TiktokenTokenizer
+    from efficia.inference.loading import LoadedModel
 
     class CountingTokenizer(TiktokenTokenizer):
         decoded = 0

@@ -11,11 +11,11 @@ import torch
 from omegaconf import OmegaConf
 
 import efficia
-from efficia.checkpoint import LoadedModel
 from efficia.data.tokenizers import CharTokenizer
 from efficia.errors import ConfigError
-from efficia.models.blocks import MLP
-from efficia.training import train
+from efficia.inference.loading import LoadedModel
+from efficia.models.layers import MLP
+from efficia.training.run import train
 from tests.conftest import ROOT, TINY_VOCAB, build_tiny, require_data, write_external_table
 
 FAST = ["debug=fast_dev_run", "logger=csv", "callbacks.progress_bar=null"]
@@ -61,6 +61,41 @@ def test_models_import_nothing_from_the_application() -> None:
                 if name == "efficia" or name.startswith("efficia."):
                     assert name.startswith("efficia.models") or name == "efficia.errors", f"{path.name}: {name}"
             assert not (isinstance(node, ast.Name) and node.id in ("open", "load_file", "read_checkpoint")), path.name
+
+
+def test_contracts_are_declared_not_probed() -> None:
+    """`registry_name` and `inputs` (LanguageModel) and `tokens_seen` (TrainingModule) are declared attributes,
+    read as attributes: no getattr with a default that would hide a model or module lacking them."""
+    from efficia.models import MODELS
+
+    assert all(cls.registry_name == name and isinstance(cls.inputs, tuple) for name, cls in MODELS.items())
+    probes = []
+    for path in sorted((ROOT / "efficia").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                    and node.args[1].value in ("registry_name", "inputs", "tokens_seen")):
+                probes.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not probes, f"declared attributes probed with getattr at {probes}: read them as attributes"
+
+
+def test_one_model_factory() -> None:
+    """Training, loading, export and the plan build models through efficia.build alone, so a model's outside
+    inputs (efficientlm's table) reach every path: `construct(...)` is called only there, and a registered class
+    (`MODELS[name](...)`) only inside the registry's `construct`. The remote-code wrapper is left out: it runs
+    where efficia is not installed."""
+    builders = set()
+    for path in sorted((ROOT / "efficia").rglob("*.py")):
+        if path.parent.name == "templates":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if (isinstance(func, ast.Name | ast.Attribute) and (getattr(func, "id", None) or func.attr) == "construct"
+                    or isinstance(func, ast.Subscript) and ast.unparse(func.value).endswith("MODELS")):
+                builders.add(str(path.relative_to(ROOT)))
+    assert builders == {"efficia/build.py", "efficia/models/registry.py"}, f"models built in {sorted(builders)}"
 
 
 def test_an_adapter_export_is_self_contained(make_cfg, tmp_path: Path) -> None:
@@ -129,7 +164,7 @@ def test_mtla_latent_norm_is_a_choice_and_both_keep_the_contract(latent_norm: st
     equals the full forward, on randomised weights (a LayerNorm bias away from zero)."""
     from torch import nn
 
-    from efficia.models.blocks import RMSNorm
+    from efficia.models.layers import RMSNorm
 
     model = build_tiny("efficientlm", f"model.latent_norm={latent_norm}", seed=3).eval()
     norm = model.blocks[0].mixer.kv.norm

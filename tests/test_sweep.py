@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from efficia.config import compose_run
 from efficia.models import MODELS
-from efficia.sweep import RECORD, write_report
-from efficia.training import train
+from efficia.training.run import train
+from efficia.training.sweep import RECORD, write_report
 from tests.conftest import CONF, require_data
 from tests.test_train import cli
 
@@ -27,6 +27,15 @@ from tests.test_train import cli
 DEFAULT_BATCH = OmegaConf.load(CONF / "data" / "shakespeare.yaml").batch_size
 FAST_SWEEP = ["debug=limit", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
               "callbacks.progress_bar=null"]
+
+
+def installed(module: str) -> bool:
+    """Whether an optional extra's module can be imported; find_spec raises, not returns None, when its parent
+    package (the hydra_plugins namespace) is missing."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def read_summary(sweep_dir: Path) -> list[dict[str, str]]:
@@ -65,6 +74,19 @@ def test_compare_presets_sweep_every_registered_model_on_one_budget(preset: str)
     expected = {"compare_small": ("char", "ShakespeareDataModule"),
                 "compare_wikipedia": ("tiktoken", "WikipediaDataModule")}
     assert {(j.tokenizer.kind, j.data._target_.rsplit(".", 1)[1]) for j in jobs.values()} == {expected[preset]}
+
+
+def test_lr_search_is_a_grid_of_one_job_per_learning_rate() -> None:
+    """hparams_search=lr, as Hydra's basic sweeper expands it (a multirun job of it runs: test_multirun_writes_...;
+    the config itself runs fast_dev_run: tests/test_train.py::test_every_other_option_runs)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=["hparams_search=lr"], return_hydra_config=True)
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        (grid,) = parser.parse_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper._target_.endswith("BasicSweeper")
+    assert grid.get_key_element() == "optimizer.lr"
+    assert [float(v) for v in grid.sweep_string_iterator()] == [3e-4, 1e-3, 3e-3]
 
 
 def test_a_resumed_run_records_its_whole_history(make_cfg) -> None:
@@ -107,7 +129,7 @@ def test_multirun_writes_the_comparison_report_and_one_wandb_run_per_job(tmp_pat
     assert "sweep report: " in proc.stdout
 
     runs = sorted(tmp_path.glob("*/wandb/offline-run-*/*.wandb"))
-    assert len(runs) == 2
+    assert len(runs) == 2 and proc.stdout.count("wandb sync ") == 2  # each job its own run, each told how to upload
     for run, model in zip(runs, ("gpt", "yinggem"), strict=True):
         raw = run.read_bytes()  # the offline run's records: name, group and summary are in there verbatim
         name = f"{model}:callbacks.progress_bar=null,trainer.limit_val_batches=1,trainer.max_steps=2,"
@@ -122,7 +144,7 @@ def test_multirun_writes_the_comparison_report_and_one_wandb_run_per_job(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+@pytest.mark.skipif(not installed("hydra_plugins.hydra_optuna_sweeper"),
                     reason="hydra-optuna-sweeper is not installed: pip install -e '.[sweeps]'")
 def test_optuna_sweep_minimises_val_loss_and_reports_each_trial(tmp_path: Path) -> None:
     require_data()

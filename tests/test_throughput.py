@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficia.callbacks import PlainProgress, progress_bar
-from efficia.checkpoint import build_net
+from efficia.build import build_model
 from efficia.config import compose_run
 from efficia.models import MODELS
-from efficia.models.blocks import Dropout, attend, attention_with_dropout, dropout, sdpa
-from efficia.throughput import compute_dtype, gpu_peak, measure_cpu_peak, training_flops_per_token
-from efficia.training import train
+from efficia.models.kernels import attend, attention_with_dropout, sdpa
+from efficia.models.layers import Dropout, dropout
+from efficia.training.callbacks import PlainProgress, progress_bar
+from efficia.training.run import train
+from efficia.training.throughput import compute_dtype, gpu_peak, measure_cpu_peak, training_flops_per_token
 from tests.conftest import EXTERNAL_TABLE, TINY_VOCAB, require_data, tiny_model_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +53,7 @@ def test_flops_follow_the_architecture_not_a_formula() -> None:
                          + [("efficientlm", f"model.external.source={EXTERNAL_TABLE}")], ids=str)
 def test_every_model_counts_flops_on_the_meta_device(case: tuple[str, ...]) -> None:
     per_token = training_flops_per_token(tiny_model_cfg(*case), TINY_VOCAB, 32)
-    params = sum(p.numel() for p in build_net(tiny_model_cfg(*case), TINY_VOCAB).parameters())
+    params = sum(p.numel() for p in build_model(tiny_model_cfg(*case), TINY_VOCAB).parameters())
     assert 2 * params < per_token < 12 * params + 1e6  # about 6 FLOPs per weight, plus attention
 
 
@@ -145,9 +146,9 @@ def test_the_final_validation_is_of_the_saved_weights(make_cfg) -> None:
     import lightning as L
     from hydra.utils import instantiate
 
-    from efficia.module import LanguageModule
+    from efficia.training.module import TrainingModule
 
-    module = LanguageModule.load_from_checkpoint(result["last_ckpt"], map_location="cpu", weights_only=False)
+    module = TrainingModule.load_from_checkpoint(result["last_ckpt"], map_location="cpu", weights_only=False)
     dm = instantiate(cfg.data, tokenizer={"kind": "char"})
     check = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=3)
@@ -170,11 +171,11 @@ def test_the_model_summary_counts_the_forward_flops_of_one_window(tmp_path: Path
     from lightning.pytorch.utilities.model_summary import ModelSummary
     from omegaconf import OmegaConf
 
-    from efficia.module import LanguageModule
+    from efficia.training.module import TrainingModule
 
     for name in sorted(MODELS):  # a model whose forward breaks the counter's autograd hooks would fail the run here
         cfg = OmegaConf.to_container(compose_run(["scale=tiny", f"model={name}"], tmp_path), resolve=True)
-        module = LanguageModule(cfg, {"kind": "char", "chars": "abcdefghij"})
+        module = TrainingModule(cfg, {"kind": "char", "chars": "abcdefghij"})
         seq_len, vocab = cfg["data"]["seq_len"], 10
         flops = ModelSummary(module).total_flops
         if name == "gpt":
@@ -244,7 +245,7 @@ def test_measuring_the_cpu_peak_leaves_the_global_rng_alone(monkeypatch) -> None
     """The peak is measured at the start of every fit and draws a clock-dependent number of matrices: from the
     global RNG that shifted the run's dropout masks, so a straight run and an interrupted one differed."""
     ticks = iter(range(10**6))
-    monkeypatch.setattr("efficia.throughput.time.perf_counter", lambda: next(ticks) * 1e-3)  # a slow clock
+    monkeypatch.setattr("efficia.training.throughput.time.perf_counter", lambda: next(ticks) * 1e-3)  # a slow clock
     state = torch.get_rng_state()
     assert measure_cpu_peak("fp32", max_n=512, min_seconds=1.0) > 0
     assert torch.equal(torch.get_rng_state(), state)

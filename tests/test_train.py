@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -16,9 +16,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import efficia
+from efficia.cli import run_cli
 from efficia.errors import CheckpointError, TokenizerError
-from efficia.sampling_cli import sample
-from efficia.training import train
+from efficia.inference.sampling_cli import sample
+from efficia.training.run import train
 from tests.conftest import CONF, ROOT, require_data
 
 FAST = ["debug=fast_dev_run", "logger=csv"]
@@ -42,10 +43,15 @@ def test_every_model_runs_fast_dev_run(make_cfg, model: str) -> None:
     assert result["global_step"] == 1 and math.isfinite(result["metrics"]["train/loss"])
 
 
+# a run at a size no debug preset shrinks (scale=seed, an experiment's pinned model) takes rows of 2: the sizes are
+# what is under test, and one step of 24 (or 64) rows at them costs tens of seconds on a CPU
+TWO_ROWS = ["data.batch_size=2", "data.val_batch_size=2"]
+
+
 @pytest.mark.parametrize("scale", options("scale"))
 def test_every_scale_composes_and_runs(make_cfg, scale: str) -> None:
     """fast_dev_run selects scale=tiny, so the scale under test is applied after it on the command line."""
-    cfg = make_cfg(*FAST, f"scale={scale}")
+    cfg = make_cfg(*FAST, f"scale={scale}", *TWO_ROWS)
     sizes = OmegaConf.load(CONF / "scale" / f"{scale}.yaml") or {}
     assert cfg.model.d_model == sizes.get("d_model", OmegaConf.load(CONF / "model" / "gpt.yaml").d_model)
     require_data()
@@ -76,17 +82,27 @@ def test_every_logger_runs(make_cfg, logger: str) -> None:
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("group", ["tokenizer", "optimizer", "experiment", "debug", "callbacks", "data"])
-def test_every_other_option_runs(make_cfg, group: str) -> None:
-    for option in options(group):
-        extra = [] if group == "debug" else ["debug=fast_dev_run"]
-        if group == "tokenizer" and option == "ids":
-            extra.append("data=mqar")  # token ids need data that are token ids; text data refuse them (test_mqar)
-        if group == "debug" and option == "overfit":
-            extra = ["trainer.max_steps=3", "trainer.val_check_interval=3"]
-        require_data()
-        result = train(make_cfg(f"{group}={option}", *extra, "logger=csv"))
-        assert result["global_step"] >= 1, f"{group}={option}"
+OTHER_OPTIONS = [f"{group}={option}" for group in ("tokenizer", "optimizer", "experiment", "debug", "callbacks", "data",
+                                                    "hparams_search") for option in options(group)]
+
+
+@pytest.mark.parametrize("choice", OTHER_OPTIONS)
+def test_every_other_option_runs(make_cfg, choice: str) -> None:
+    group, option = choice.split("=")
+    if choice == "hparams_search=optuna":  # its sweeper is the optional [sweeps] extra
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[sweeps]'")
+    extra = [] if group == "debug" else ["debug=fast_dev_run"]
+    if group == "tokenizer" and option == "ids":
+        extra.append("data=mqar")  # token ids need data that are token ids; text data refuse them (test_mqar)
+    if group == "debug" and option == "overfit":
+        extra = ["trainer.max_steps=3", "trainer.val_check_interval=3"]
+    cfg = make_cfg(choice, *extra, "logger=csv")
+    tiny = OmegaConf.load(CONF / "scale" / "tiny.yaml")
+    if any(cfg.model[key] != value for key, value in tiny.items()):  # sizes a recipe sets itself stay
+        cfg = make_cfg(choice, *extra, *TWO_ROWS, "logger=csv")
+    require_data()
+    result = train(cfg)
+    assert result["global_step"] >= 1, choice
 
 
 def test_rtx_presets_budget_their_card(make_cfg) -> None:
@@ -195,21 +211,44 @@ def test_unknown_group_value_fails_with_hydras_message() -> None:
 
 
 def test_missing_data_is_one_clear_line(tmp_path: Path) -> None:
+    """The one train.py process of the one-line path; the errors of every other stage: the test below."""
     proc = cli("train.py", f"data.path={tmp_path}/nothing.txt", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.path=")
     assert "Traceback" not in proc.stderr
 
 
+ONE_LINE = {  # a bad override from each stage a run goes through -> what its line says
+    "seed=abc": "seed='abc': give a whole number",  # the run's own checks
+    "data.path=/nonexistent/input.txt": "data.path=/nonexistent/input.txt",  # reading the data
+    "model.n_head=3": r"d_model \(32\) must be divisible by n_head \(3\)",  # building the model
+    "model.pos_emb=alibi": "pos_emb must be 'learned' or 'rope', got 'alibi'",
+    "+model.heads=2": r"unknown key.s. heads",  # a key the model's constructor does not take
+}
+
+
+@pytest.mark.parametrize("override", sorted(ONE_LINE))
+def test_errors_meant_for_a_person_are_one_line_and_exit_2(make_cfg, capsys, override: str) -> None:
+    """What train.py does with them (efficia.cli.run_cli, as `main` calls it), in this process: one `error:` line on
+    stderr, no trace, exit 2. The train.py subprocess above shows `main` goes through it."""
+    require_data()
+    cfg = make_cfg("scale=tiny", "logger=csv", override)
+    with pytest.raises(SystemExit) as info:
+        run_cli(train, cfg)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert re.search(ONE_LINE[override], errors[0]), errors[0]
+
+
 def test_sample_cli_errors_are_one_line(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.ckpt"
-    bad.write_bytes(random.Random(0).randbytes(4096))
-    for args, message in (([f"ckpt={tmp_path / 'missing.ckpt'}"], "does not exist"),
-                          ([f"ckpt={bad}"], "not a readable checkpoint"), (["prompt=hi"], "no checkpoint given")):
-        proc = cli("sample.py", *args)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert proc.stderr.strip().startswith("error:") and message in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+    """One sample.py process; the other refusals (no ckpt=, a file that is no checkpoint, bad sampling values)
+    are checked in-process: tests/test_bad_inputs.py::test_sample_refuses_bad_inputs_in_one_line."""
+    proc = cli("sample.py", f"ckpt={tmp_path / 'missing.ckpt'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith("error:") and "does not exist" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.xdist_group("processes")
@@ -222,16 +261,6 @@ def test_ddp_cpu_trains_with_two_processes(tmp_path: Path) -> None:
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     batch = OmegaConf.load(CONF / "data" / "shakespeare.yaml").batch_size
     assert ckpt["tokens_seen"] == 6 * batch * 32 * 2  # both processes' tokens are counted
-
-
-def test_multirun_sweep_gives_each_job_its_own_wandb_run(tmp_path: Path) -> None:
-    require_data()
-    proc = cli("train.py", "-m", "hparams_search=lr", "debug=limit", "logger=wandb", "trainer.max_steps=2",
-               "trainer.val_check_interval=2", "trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(tmp_path.glob("*/wandb/offline-run-*"))
-    assert len(runs) == 3 and len({r.name for r in runs}) == 3, runs
-    assert proc.stdout.count("wandb sync ") >= 3
 
 
 def test_yinggem_on_a_3060_preset_composes_and_runs_on_cpu(make_cfg) -> None:

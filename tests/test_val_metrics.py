@@ -15,8 +15,8 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from efficia.models import build_model
-from efficia.training import train
+from efficia.build import build_model
+from efficia.training.run import train
 from tests.conftest import require_data
 
 

@@ -17,9 +17,9 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
+from efficia.build import build_model
 from efficia.config import compose_run
 from efficia.errors import ConfigError
-from efficia.models import build_model
 from tests.conftest import CONF, ROOT, TINY_VOCAB
 
 DOC = ROOT / "docs" / "shared-keys.md"
@@ -94,8 +94,24 @@ def test_n_kv_head_is_refused_where_it_would_be_ignored() -> None:
         build("optimus", "model.n_kv_head=1")
 
 
+@pytest.mark.parametrize("name", sorted(SHARED["attention_bias"]))
+def test_attention_bias_reaches_the_attention_projections_only(name: str) -> None:
+    """true: every block's mixer has linear layers with biases and its output projection is one of them; nothing
+    outside the mixers has a bias. false: no linear layer has one."""
+    for flag in (True, False):
+        model = build(name, f"model.attention_bias={str(flag).lower()}")
+        biased = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if n.endswith(".bias")}
+        mixers = {f"blocks.{i}.mixer." for i in range(model.n_layer)}
+        if not flag:
+            assert not biased, f"{name}: {sorted(biased)}"
+            continue
+        assert {f"{m}proj" for m in mixers} <= biased, f"{name}: {sorted(biased)}"
+        assert all(any(n.startswith(m) for m in mixers) for n in biased), f"{name}: {sorted(biased)}"
+        assert all(any(n.startswith(m) for n in biased) for m in mixers)
+
+
 def latent_slots(model, seq_len: int) -> int:
-    return seq_len // model.structure().get("chunk", 1)  # efficientlm merges `down_rate` positions per slot
+    return seq_len // getattr(model, "down_rate", 1)  # efficientlm merges `down_rate` positions per slot
 
 
 @pytest.mark.parametrize("name", sorted(SHARED["kv_rank"]))
@@ -144,13 +160,14 @@ def test_window_is_the_attention_band() -> None:
 
 def test_segment_is_efficias_segment_length() -> None:
     model = build("efficia", "model.segment=6")
-    assert model.structure() == {"segment": 6}
+    assert model.segment == 6
     assert all(block.mixer.window == 6 for block in model.blocks)  # the LCP band is the segment
 
 
 @pytest.mark.parametrize(("name", "key"), [("efficia", "window"), ("lumenspark", "rank"),
                                            ("efficientlm", "kv_lora_rank"), ("efficientlm", "qk_rope_head_dim"),
-                                           ("optimus", "compression_ratio"), ("gpt", "window")])
+                                           ("optimus", "compression_ratio"), ("gpt", "window"),
+                                           ("yinggem", "bias"), ("lumenspark", "bias")])
 def test_old_and_foreign_keys_are_refused(name: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"model={name}: unknown key\\(s\\) {key}"):
         build(name, f"+model.{key}=4")

@@ -22,7 +22,7 @@ from efficia.data.tokenizers import ByteTokenizer, build_tokenizer, tokenizer_fr
 from efficia.data.wikipedia import WikipediaDataModule
 from efficia.errors import DataError, TokenizerError
 from efficia.models import MODELS
-from efficia.training import train
+from efficia.training.run import train
 
 SAMPLE = Path(os.environ["EFFICIA_WIKIPEDIA_FILES"]).parent
 PARQUET = str(SAMPLE / "*.parquet")

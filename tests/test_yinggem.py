@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from efficia.models import attention as att
-from efficia.models import build_model
-from efficia.models.blocks import GatedFeedForward, LeanGatedFeedForward
+from efficia.build import build_model
+from efficia.models import kernels
+from efficia.models.layers import GatedFeedForward, LeanGatedFeedForward, apply_rope, rope_tables
 from tests.conftest import build_tiny
 from tests.memory import saved_tensors
 from tests.trained_like import randomise
@@ -45,16 +45,23 @@ def tiny_model(seed: int = 0, *overrides: str):
     return model.eval()
 
 
-def reference_logits(model, idx, monkeypatch):
-    """Full forward with the attention kernel swapped for the dense reference at the test's own WINDOW
-    (the ground truth). The mixer looks the kernel up at every call, so the swap really reaches the model."""
-    def reference(q, k, v, window, dropout=0.0):
-        return dense_band_attention(q, k, v, WINDOW)
-
-    with monkeypatch.context() as m:
-        m.setattr(att, "sliding_window_attention", reference)
-        with torch.no_grad():
-            return model(idx)
+@torch.no_grad()
+def reference_logits(model, idx, window=WINDOW):
+    """The ground truth: the model's forward computed here from its own embedding, norms, projections and
+    feed-forwards, with attention as `dense_band_attention` at the test's own `window` (no kernel of
+    efficia.models.kernels, no cache): RoPE at positions 0..T-1, each K/V head repeated for its query heads."""
+    B, T = idx.shape
+    x = model.tok_emb(idx)
+    for block in model.blocks:
+        mixer = block.mixer
+        H, Hkv, D = mixer.n_head, mixer.n_kv_head, mixer.head_dim
+        q, k, v = mixer.qkv(block.norm1(x)).view(B, T, H + 2 * Hkv, D).transpose(1, 2).split((H, Hkv, Hkv), dim=1)
+        cos, sin = rope_tables(D, mixer.rope_theta, 0, T, idx.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        x = x + mixer.out(dense_band_attention(q, k, v, window))
+        x = x + block.ffn(block.norm2(x))
+    return model.lm_head(model.norm(x))
 
 
 # --- (a) the fast path equals the dense reference ------------------------------------------------
@@ -68,7 +75,7 @@ def test_banded_attention_matches_dense_forward_and_grad(q_len, k_len):
     k = torch.randn(2, 3, k_len, 16, requires_grad=True)
     v = torch.randn(2, 3, k_len, 16, requires_grad=True)
     grad_out = torch.randn(2, 3, q_len, 16)
-    out = att.sliding_window_attention(q, k, v, WINDOW)
+    out = kernels.sliding_window_attention(q, k, v, WINDOW)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref = dense_band_attention(q, k, v, WINDOW)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
@@ -81,7 +88,7 @@ def test_banded_attention_matches_dense_forward_and_grad(q_len, k_len):
 def test_banded_attention_other_windows(window):
     torch.manual_seed(window)
     q, k, v = (torch.randn(1, 2, 41, 8) for _ in range(3))
-    torch.testing.assert_close(att.sliding_window_attention(q, k, v, window),
+    torch.testing.assert_close(kernels.sliding_window_attention(q, k, v, window),
                                dense_band_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
 
 
@@ -90,7 +97,7 @@ def test_banded_attention_is_not_full_causal():
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))
     full = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert not torch.allclose(att.sliding_window_attention(q, k, v, WINDOW), full, atol=1e-3)
+    assert not torch.allclose(kernels.sliding_window_attention(q, k, v, WINDOW), full, atol=1e-3)
 
 
 def test_chunked_path_never_builds_a_long_score_matrix(monkeypatch):
@@ -106,7 +113,7 @@ def test_chunked_path_never_builds_a_long_score_matrix(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     q, k, v = (torch.randn(1, 2, 200, 8) for _ in range(3))
-    att.sliding_window_attention(q, k, v, WINDOW)
+    kernels.sliding_window_attention(q, k, v, WINDOW)
     assert seen and max(seen) <= 2 * WINDOW
 
 
@@ -114,41 +121,39 @@ def test_training_after_inference_mode_call():
     """Masks cached under inference_mode (e.g. a validation sanity check) must not break training."""
     q, k, v = (torch.randn(1, 2, 3 * WINDOW + 1, 8, requires_grad=True) for _ in range(3))
     with torch.inference_mode():
-        att.sliding_window_attention(q.detach(), k.detach(), v.detach(), WINDOW)
-    att.sliding_window_attention(q, k, v, WINDOW).sum().backward()
+        kernels.sliding_window_attention(q.detach(), k.detach(), v.detach(), WINDOW)
+    kernels.sliding_window_attention(q, k, v, WINDOW).sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def test_flex_path_matches_dense_inference():
-    """The CUDA FlexAttention path's block mask, checked on CPU in inference (eager flex)."""
-    if att.flex_attention is None:
+    """The CUDA FlexAttention path's block mask, checked on CPU in inference (FlexAttention run eagerly)."""
+    if kernels.flex_attention is None:
         pytest.skip("FlexAttention not available in this torch")
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     with torch.no_grad():
-        out = att.flex_sliding_window_attention(q, k, v, WINDOW, compiled=False)
+        out = kernels.flex_attention(q, k, v, block_mask=kernels.sliding_window_block_mask(40, WINDOW, q.device))
     torch.testing.assert_close(out, dense_band_attention(q, k, v, WINDOW), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("T", [5, WINDOW, 21])
-def test_model_forward_matches_dense_reference(T, monkeypatch):
-    model = tiny_model()
+@pytest.mark.parametrize("n_kv_head", [None, 1])
+def test_model_forward_matches_dense_reference(T, n_kv_head):
+    model = tiny_model(0, f"model.n_kv_head={n_kv_head or 'null'}")
     idx = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
         out = model(idx)
-    torch.testing.assert_close(out, reference_logits(model, idx, monkeypatch), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, reference_logits(model, idx), atol=1e-5, rtol=1e-5)
 
 
-def test_a_broken_kernel_fails_the_reference_comparison(monkeypatch):
-    """The reference comparison can fail: a kernel whose band is one key too wide is caught."""
+def test_the_reference_comparison_can_fail():
+    """The comparison sees the band's width: the reference one key wider is not the model."""
     model = tiny_model()
     idx = torch.randint(0, VOCAB, (2, 21))
-    real = att.sliding_window_attention
-    with monkeypatch.context() as m:
-        m.setattr(att, "sliding_window_attention", lambda q, k, v, window, dropout=0.0: real(q, k, v, window + 1))
-        with torch.no_grad():
-            broken = model(idx)
-    assert not torch.allclose(broken, reference_logits(model, idx, monkeypatch), atol=1e-3)
+    with torch.no_grad():
+        out = model(idx)
+    assert not torch.allclose(out, reference_logits(model, idx, WINDOW + 1), atol=1e-3)
 
 
 def test_receptive_field_is_bounded_by_the_window():
@@ -178,24 +183,24 @@ def decode(model, idx, chunks):
     return torch.cat(outs, dim=1), cache
 
 
-def test_decode_one_token_at_a_time_for_three_windows(monkeypatch):
+def test_decode_one_token_at_a_time_for_three_windows():
     model = tiny_model()
     T = 3 * WINDOW  # also past max_seq_len (16)
     idx = torch.randint(0, VOCAB, (2, T))
     out, _ = decode(model, idx, [1] * T)
-    torch.testing.assert_close(out, reference_logits(model, idx, monkeypatch), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, reference_logits(model, idx), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("chunks", [[13] + [1] * 11, [WINDOW] + [1] * 8, [5, 3, 11, 1, 1, 2, 9],
                                     [1, 1, 20, 1], [30]])
-def test_prefill_and_chunked_cached_calls(chunks, monkeypatch):
+def test_prefill_and_chunked_cached_calls(chunks):
     model = tiny_model(3)
     idx = torch.randint(0, VOCAB, (2, sum(chunks)))
     out, _ = decode(model, idx, chunks)
-    torch.testing.assert_close(out, reference_logits(model, idx, monkeypatch), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, reference_logits(model, idx), atol=1e-4, rtol=1e-4)
 
 
-def test_decoding_far_beyond_max_seq_len(monkeypatch):
+def test_decoding_far_beyond_max_seq_len():
     """Positions are absolute and unbounded: decode past 4·max_seq_len, compare the tail."""
     model = tiny_model(4)
     assert model.max_context is None
@@ -203,7 +208,7 @@ def test_decoding_far_beyond_max_seq_len(monkeypatch):
     idx = torch.randint(0, VOCAB, (1, T))
     out, cache = decode(model, idx, [20] + [1] * (T - 20))
     assert cache.pos == T
-    ref = reference_logits(model, idx, monkeypatch)
+    ref = reference_logits(model, idx)
     torch.testing.assert_close(out[:, -WINDOW:], ref[:, -WINDOW:], atol=1e-4, rtol=1e-4)
     assert torch.isfinite(out).all()
 
@@ -233,8 +238,8 @@ def test_cache_memory_is_constant():
 # --- (d) flags -----------------------------------------------------------------------------------
 
 
-def test_bias_flag():
-    with_bias, without = tiny_model(0, "model.bias=true"), tiny_model(0, "model.bias=false")
+def test_attention_bias_flag():
+    with_bias, without = tiny_model(0, "model.attention_bias=true"), tiny_model(0, "model.attention_bias=false")
     d = with_bias.d_model
     assert with_bias.num_params() - without.num_params() == N_LAYER * 4 * d
     assert all(m.bias is None for m in without.modules() if isinstance(m, torch.nn.Linear))
@@ -309,7 +314,7 @@ def test_banded_attention_keeps_no_copy_of_the_key_windows_for_a_batch():
     unfold view of strided keys would keep a 2x copy of keys and values, every key in two windows)."""
     qkv = torch.randn(2, 12 * WINDOW, 3 * 4, 8, requires_grad=True)
     q, k, v = (t.transpose(1, 2) for t in qkv.split(4, dim=2))  # [B, H, T, D] views, as the mixer passes them
-    out, kept = saved_tensors(att.sliding_window_attention, q, k, v, WINDOW)
+    out, kept = saved_tensors(kernels.sliding_window_attention, q, k, v, WINDOW)
     one = q.numel() * q.element_size()
     assert max(nbytes for shape, nbytes in kept if shape != (2, 4, WINDOW, 8)) <= one  # the input's own storage aside
     torch.testing.assert_close(out, dense_band_attention(q, k, v, WINDOW), atol=1e-5, rtol=1e-5)
@@ -322,8 +327,8 @@ def test_flex_attention_equals_chunked_on_cuda(T):
     torch.manual_seed(T)
     q, k, v = (torch.randn(2, 4, T, 32, device="cuda", requires_grad=True) for _ in range(3))
     grad_out = torch.randn(2, 4, T, 32, device="cuda")
-    flex = att.flex_sliding_window_attention(q, k, v, 16)
-    chunked = att.chunked_sliding_window_attention(q, k, v, 16)
+    flex = kernels.flex_sliding_window_attention(q, k, v, 16)
+    chunked = kernels.chunked_sliding_window_attention(q, k, v, 16)
     torch.testing.assert_close(flex, chunked, atol=2e-3, rtol=2e-3)
     for a, b in zip(torch.autograd.grad(flex, (q, k, v), grad_out), torch.autograd.grad(chunked, (q, k, v), grad_out),
                     strict=True):

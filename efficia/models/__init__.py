@@ -1,4 +1,8 @@
-"""Every architecture, registered by name. Importing this package registers them all."""
+"""Models: the contract every architecture keeps (`decoder`), the pieces they share (`layers` for norms, RoPE and
+feed-forwards, `kernels` for attention, `construction` for checks, init and renames, `attention` and `latent` for
+shared mixers, `output` for the head + loss), one file per architecture, and the `registry` of names. Importing
+this package registers them all. It imports nothing from the rest of efficia but `efficia.errors`; build a model
+with `efficia.build.build_model`."""
 
 from efficia.models import (
     efficia,  # noqa: F401  (registers "efficia")
@@ -9,6 +13,6 @@ from efficia.models import (
     yinggem,  # noqa: F401  (registers "yinggem")
 )
 from efficia.models.decoder import Cache, DecoderLM, LanguageModel, Mixer, Step
-from efficia.models.registry import MODELS, build_model, register
+from efficia.models.registry import MODELS, register
 
-__all__ = ["MODELS", "Cache", "DecoderLM", "LanguageModel", "Mixer", "Step", "build_model", "register"]
+__all__ = ["MODELS", "Cache", "DecoderLM", "LanguageModel", "Mixer", "Step", "register"]

@@ -6,46 +6,19 @@ Grouped-query attention (`n_kv_head` K/V heads shared by groups of query heads; 
     n_head=6, n_kv_head=2:   query heads  q0 q1 q2 | q3 q4 q5
                              K/V heads       kv0   |   kv1
 
-Sliding window (`window`): key j is visible to query i iff 0 <= i - j < window. Which path runs where:
-
-- keys <= window (short sequences, single-token decoding, short cached chunks): every key in the
-  causal triangle is inside the band, so plain causal SDPA is exact and is used.
-- CUDA, full sequence (no cache), no attention dropout, FlexAttention importable: compiled
-  `flex_attention` with a sliding-window block mask (blocks outside the band are skipped). If it
-  fails once (compile error, unsupported shape), a warning is issued and the chunked path is used
-  from then on.
-- everywhere else, and always for CPU training (FlexAttention refuses backward on CPU): chunked
-  banded SDPA. Queries are cut into chunks of `window`; chunk c sees the 2·window keys starting
-  `window` before it, gathered with `unfold` (a strided view, no Python loop over chunks), and one
-  SDPA call over [B·H, n_chunks, window, 2·window] scores with a single [window, 2·window] band
-  mask (cached). Time and memory are O(T·window); no T×T mask is ever built.
+Sliding window (`window`): key j is visible to query i iff 0 <= i - j < window. The kernels (`attend`,
+`sliding_window_attention`: chunked banded SDPA, FlexAttention on CUDA) live in `kernels.py`.
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import (
-    apply_rope,
-    attend,
-    check_heads,
-    expand_kv,
-    require,
-    sliding_window_mask,
-)
+from efficia.models.construction import check_heads, require
 from efficia.models.decoder import Mixer, Step
-
-try:  # torch >= 2.5
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - older torch: chunked path only
-    create_block_mask = flex_attention = None
-
-_FLEX = {"enabled": flex_attention is not None, "compiled": None}
+from efficia.models.kernels import attend, sliding_window_attention
+from efficia.models.layers import apply_rope
 
 
 def reserved_positions(n: int, limit: int | None = None) -> int:
@@ -60,7 +33,7 @@ def reserved_positions(n: int, limit: int | None = None) -> int:
 class KVState:
     """Keys and values of every position so far. Held in buffers [B, Hkv, capacity, D] whose capacity
     doubles when full (`reserved_positions`), so appending a token writes it in place and the cache is
-    copied O(log T) times in all; torch.cat on every token copied the whole cache each time (O(T²)).
+    copied O(log T) times in all (appending by torch.cat would copy the whole cache on every token: O(T²)).
     `update` returns views of the filled positions."""
 
     def __init__(self, batch_size: int, n_kv_head: int, head_dim: int, device: torch.device,
@@ -172,7 +145,7 @@ class CausalSelfAttention(Mixer):
         if self.window is None:
             y = attend(q, k, v, dropout)
         else:
-            y = sliding_window_attention(q, k, v, self.window, dropout)  # looked up per call (tests patch it)
+            y = sliding_window_attention(q, k, v, self.window, dropout)
         return self.out(y)  # [B, H, T, D] -> [B, T, C]
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVState | RingKVState:
@@ -185,106 +158,3 @@ class CausalSelfAttention(Mixer):
         positions' own bytes)."""
         positions = reserved_positions(seq_len, self.max_len) if self.window is None else min(seq_len, self.window)
         return 2 * self.n_kv_head * self.head_dim * positions * dtype.itemsize
-
-
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, dropout: float = 0.0) -> Tensor:
-    """Causal sliding-window attention for q[B,H,Tq,D] against k,v[B,Hkv,Tk,D], Tk >= Tq.
-
-    The queries are the last Tq of the Tk keys (bottom-right aligned, as in a cached call): query i
-    sits at key index Tk - Tq + i and sees key j iff 0 <= (Tk - Tq + i) - j < window.
-    """
-    q_len, k_len = q.shape[-2], k.shape[-2]
-    if k_len < q_len:
-        raise ValueError(f"sliding_window_attention: {q_len} queries but only {k_len} keys")
-    if k_len <= window:  # the whole causal triangle lies inside the band
-        return attend(q, k, v, dropout)
-    k, v = expand_kv(q, k, v)
-    if q.is_cuda and q_len == k_len and dropout == 0.0 and _FLEX["enabled"]:
-        try:
-            return flex_sliding_window_attention(q, k, v, window)
-        except Exception as err:  # any failure: fall back, once, loudly
-            _FLEX["enabled"] = False
-            warnings.warn(f"FlexAttention failed ({err!r}); using chunked SDPA from now on", stacklevel=2)
-    return chunked_sliding_window_attention(q, k, v, window, dropout)
-
-
-def chunked_sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
-                                     dropout: float = 0.0) -> Tensor:
-    """Banded attention in O(Tq·window): same semantics as `sliding_window_attention` (k, v expanded)."""
-    q_len, k_len = q.shape[-2], k.shape[-2]
-    offset = k_len - q_len
-    if offset >= window:
-        # keys older than `window` before the first query are never seen
-        return _uniform_chunks(q, k[..., offset - window:, :], v[..., offset - window:, :], window, dropout)
-    # The first chunk of queries has fewer than `window` keys before it: attend it on its own
-    # (its keys fit in < 2·window), then the rest is uniform with exactly `window` keys of history.
-    n0 = min(window, q_len)
-    q0, k0, v0 = q[..., :n0, :], k[..., :offset + n0, :], v[..., :offset + n0, :]
-    if offset + n0 <= window:
-        out0 = attend(q0, k0, v0, dropout)
-    else:
-        mask = sliding_window_mask(n0, offset + n0, window, q.device)
-        out0 = F.scaled_dot_product_attention(q0, k0, v0, attn_mask=mask, dropout_p=dropout)
-    if n0 == q_len:
-        return out0
-    if offset:
-        k, v = k[..., offset:, :], v[..., offset:, :]
-    rest = _uniform_chunks(q[..., n0:, :], k, v, window, dropout)
-    return torch.cat((out0, rest), dim=-2)
-
-
-def _uniform_chunks(q: Tensor, k: Tensor, v: Tensor, window: int, dropout: float) -> Tensor:
-    """q[B,H,Tq,D] with k,v[B,H,Tq+window,D]: query chunk c (queries c·w .. c·w+w-1) sees key
-    rows c·w .. c·w+2w-1, a 2w-wide slab of which the band mask keeps w per query.
-
-    Layout [B·H, n_chunks, ·, D]: the chunks take SDPA's head dimension, so q is a free view and
-    k, v an overlapping strided view (unfold), and one [w, 2w] mask serves every chunk. Merging B and H
-    is a view of a projection's transposed output only for B = 1; for B > 1 k and v are made
-    contiguous per head first (one copy each, where reshaping the unfold view would copy both windows)."""
-    B, H, q_len, D = q.shape
-    n_chunks = -(-q_len // window)
-    pad = n_chunks * window - q_len
-    if pad:  # padded queries are dropped at the end; padded keys lie outside every real query's band
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    elif B > 1:  # per-head contiguous: then [B·H, n_chunks, 2w, D] below is a view, not a 2x copy kept for backward
-        k, v = k.contiguous(), v.contiguous()
-    q = q.reshape(B * H, n_chunks, window, D)
-    # unfold: [B,H,n_chunks,D,2w] overlapping view -> [B·H, n_chunks, 2w, D]
-    k = k.unfold(2, 2 * window, window).transpose(-1, -2).reshape(B * H, n_chunks, 2 * window, D)
-    v = v.unfold(2, 2 * window, window).transpose(-1, -2).reshape(B * H, n_chunks, 2 * window, D)
-    band = _band_mask(window, str(q.device), q.dtype, torch.is_inference_mode_enabled())
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout)
-    out = out.view(B, H, n_chunks * window, D)
-    return out[..., :q_len, :] if pad else out
-
-
-@functools.lru_cache(maxsize=32)
-def _band_mask(window: int, device: str, dtype: torch.dtype, inference: bool) -> Tensor:
-    """Additive [w, 2w] band mask (0 inside, -inf outside), made once per window/device/dtype.
-    `inference` is part of the key: a tensor made under inference_mode cannot be saved for backward."""
-    allowed = sliding_window_mask(window, 2 * window, window, torch.device(device))
-    return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-
-
-@functools.lru_cache(maxsize=32)
-def _flex_band_mask(seq_len: int, window: int, device: str, inference: bool):
-    def band(b, h, q_idx, kv_idx):
-        distance = q_idx - kv_idx
-        return (distance >= 0) & (distance < window)
-
-    return create_block_mask(band, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
-
-
-def flex_sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
-                                  compiled: bool = True) -> Tensor:
-    """Full-sequence (Tq == Tk) sliding-window attention with FlexAttention and a block mask.
-
-    `compiled=False` runs FlexAttention eagerly (slow, materialises scores; for tests only).
-    """
-    block_mask = _flex_band_mask(q.shape[-2], window, str(q.device), torch.is_inference_mode_enabled())
-    fn = flex_attention
-    if compiled:
-        if _FLEX["compiled"] is None:
-            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
-        fn = _FLEX["compiled"]
-    return fn(q, k, v, block_mask=block_mask)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from efficia.models.blocks import Dropout, PreNormBlock, init_weights, mark_residual, require, rope_tables
+from efficia.models.construction import init_weights, mark_residual, require
+from efficia.models.layers import Dropout, PreNormBlock, rope_tables
 
 
 @dataclass
@@ -85,6 +86,8 @@ class LanguageModel(nn.Module):
     model can attend over in one cache (None: unbounded, e.g. a rolling window).
     """
 
+    registry_name: ClassVar[str] = ""  # the `model=` name, set by @register
+    inputs: ClassVar[tuple[str, ...]] = ()  # constructor tensors that are not config keys (efficia.build reads them)
     max_context: int | None = None
     max_seq_len: int
 
@@ -98,10 +101,6 @@ class LanguageModel(nn.Module):
     def last_logits(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
         """Logits [B, V] of the last position (decoding); a model may skip the other positions' logits."""
         return self(idx, cache)[:, -1]
-
-    def structure(self) -> dict[str, int]:
-        """Periodic sub-structures (window, segment, block, chunk) that tests and scales must cross."""
-        return {}
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters, each counted once. `exclude_embeddings` leaves out every vocabulary-sized or
@@ -144,7 +143,7 @@ class DecoderLM(LanguageModel):
                  gradient_checkpointing: bool, *, mixer: Callable[[int], nn.Module], ffn: Callable[[], nn.Module],
                  norm: Callable[[], nn.Module], tie_embeddings: bool = True) -> None:
         super().__init__()
-        name = self.name = getattr(type(self), "registry_name", type(self).__name__.lower())
+        name = self.name = type(self).registry_name or type(self).__name__.lower()
         require(d_model >= 1 and n_layer >= 1 and max_seq_len >= 1 and vocab_size >= 1,
                 f"model={name}: d_model, n_layer, max_seq_len and vocab_size must be >= 1 "
                 f"(got {d_model}, {n_layer}, {max_seq_len}, {vocab_size})")

@@ -14,9 +14,9 @@ the block adds a SwiGLU after it:
 
 Fusion is the mixer's own forward: a per-position softmax over the three streams, then the output projection.
 
-The seed leaked twice: its window linear attention was not causal inside a window and its CCU pooled
-the whole sequence and broadcast it. Here a token at position i sees keys i-W+1..i in the LCP, and
-only summaries of segments that ended before its own segment began in the GMG and the CCU.
+Causality: a token at position i sees keys i-W+1..i in the LCP (causal inside a window too), and only
+summaries of segments that ended before its own segment began in the GMG and the CCU (never a pooling of
+the whole sequence).
 
 Each stage runs one code path for training and decoding: it reads its state slice (None in training:
 the initial values), computes over the call's tokens, and writes the slice back when there is one.
@@ -34,8 +34,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from efficia.models.attention import RingKVState
-from efficia.models.blocks import KeepsPreviousNames, RMSNorm, SwiGLU, check_heads, require
+from efficia.models.construction import KeepsPreviousNames, check_heads, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
+from efficia.models.kernels import sdpa
+from efficia.models.layers import RMSNorm, SwiGLU
 from efficia.models.registry import register
 
 EPS = 1e-6  # linear-attention normaliser floor
@@ -244,7 +246,7 @@ class GlobalMemory(nn.Module):
         pad = (offset, nb * G * W - offset - T) if n > 1 else (0, 0)
         q = F.pad(q.view(B, T, H, D), (0, 0, 0, 0, *pad)).view(B, nb, G, g, H, D)
         q = q.permute(0, 1, 4, 3, 2, 5).reshape(B * nb, H * g, G, D)  # head h·g + token w reads K/V head h
-        y = F.scaled_dot_product_attention(q, k_blocks, v_blocks, attn_mask=mask, enable_gqa=g > 1)
+        y = sdpa(q, k_blocks, v_blocks, attn_mask=mask, enable_gqa=g > 1)
         y = y.view(B, nb, H, g, G, D).permute(0, 1, 4, 3, 2, 5).reshape(B, -1, C)[:, pad[0]:pad[0] + T]
         return torch.sigmoid(gate) * y  # [B, T, C]
 
@@ -259,7 +261,7 @@ class RecurrentState:
 class Recurrence(nn.Module):
     """CCU: one GRU step per completed segment (over segments, never over tokens); the tokens of segment s
     read the state after segment s-1, projected to d_model. nn.GRU computes what nn.GRUCell stepped once
-    per segment computes (the same gates and weights, `RENAMED` maps the cell's names)."""
+    per segment would (the same gates and weights; `RENAMED` maps GRUCell's parameter names to nn.GRU's)."""
 
     def __init__(self, d_model: int, compressed_dim: int, window: int) -> None:
         super().__init__()
@@ -300,7 +302,8 @@ class EfficiaState:
             stage.new_state(batch_size, device, dtype) for stage in mixer.stages())
 
 
-# state_dict names before the stages were modules (issue 20): old checkpoints and exports still load
+# The mixer's flat parameter names -> their names in its stage modules: state dicts saved under the flat names
+# (checkpoints, exports) load as well (`KeepsPreviousNames`)
 RENAMED = {"conv": "local.conv", "lcp_qkv.weight": "local.qkv.weight", "gmg_qg.weight": "memory.qg.weight",
            "persistent": "memory.persistent", "mem_kv.weight": "memory.kv.weight", "pool": "summary.pool",
            "compress.weight": "summary.compress.weight", "h0": "recurrence.h0",
@@ -321,7 +324,7 @@ class EfficiaMixer(KeepsPreviousNames, Mixer):
     """The four stages over one call's tokens (a whole sequence, or a cached continuation); the fusion
     (FF) is this module's own: a per-position softmax over (lcp, gmg, ccu), then the output projection."""
 
-    previous_names = RENAMED  # checkpoints and exports written before the split still load
+    previous_names = RENAMED  # state dicts under the flat names load too
 
     def __init__(self, d_model: int, n_head: int, segment: int, mem_size: int, n_persistent: int,
                  compressed_dim: int, conv_size: int, dropout: float) -> None:
@@ -363,7 +366,6 @@ class EfficiaMixer(KeepsPreviousNames, Mixer):
         return sum(stage.state_numbers(seq_len) for stage in self.stages()) * dtype.itemsize
 
 
-
 @register("efficia")
 class Efficia(DecoderLM):
     """Pre-norm blocks of (EfficiaMixer, SwiGLU), RMSNorm, tied embeddings, no position table: the
@@ -382,6 +384,3 @@ class Efficia(DecoderLM):
                                                       conv_size, dropout),
                          ffn=lambda: SwiGLU(d_model, ffn_hidden, dropout=dropout),
                          norm=lambda: RMSNorm(d_model, eps=norm_eps))
-
-    def structure(self) -> dict[str, int]:
-        return {"segment": self.segment}

@@ -34,17 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import (
-    RMSNorm,
-    SwiGLU,
-    attend,
-    attend_with_own_term,
-    init_weights,
-    mark_keep_float,
-    require,
-)
+from efficia.models.construction import init_weights, mark_keep_float, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
+from efficia.models.kernels import attend, attend_with_own_term
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState, recompute_in_backward
+from efficia.models.layers import RMSNorm, SwiGLU
 from efficia.models.registry import register
 
 
@@ -203,7 +197,7 @@ class Adapter(nn.Module):
         self.w2 = nn.Linear(d_ext, bottleneck, bias=False)
         self.up = nn.Linear(bottleneck, d_model, bias=False)
         self.skip = nn.Linear(d_ext, d_model, bias=False)
-        mark_keep_float(self.skip)  # its weight's dtype sets the external table's (efficia.quantize)
+        mark_keep_float(self.skip)  # its weight's dtype sets the external table's (efficia.inference.quantize)
 
     def zero_up(self) -> None:
         nn.init.zeros_(self.up.weight)
@@ -293,10 +287,10 @@ class EfficientLM(DecoderLM):
     (in training and decoding alike), tied head, and the optional external-embedding adapter (`external.source`).
 
     `external_table` [vocab, d_ext]: the frozen table itself, a tensor the caller gives (the model reads no files:
-    `efficia.checkpoint.build_net` reads it from `external.source`, or takes its shape from the weights being
+    `efficia.build.build_model` reads it from `external.source`, or takes its shape from the weights being
     loaded, so a checkpoint or export that holds the table never needs the source file again)."""
 
-    inputs = ("external_table",)  # constructor tensors that are not config keys (see registry.build_model)
+    inputs = ("external_table",)  # constructor tensors that are not config keys (efficia.build reads them)
     learned_positions = True
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, max_seq_len: int,
@@ -311,7 +305,7 @@ class EfficientLM(DecoderLM):
                 "efficientlm: kv_rank, qk_nope_head_dim, v_head_dim and n_head must be >= 1")
         require((external["source"] is None) == (external_table is None),
                 "efficientlm: model.external.source and the external_table given must agree (build the model with "
-                "efficia.checkpoint.build_net, which reads the table)")
+                "efficia.build.build_model, which reads the table)")
         require(external_table is None or (external_table.dim() == 2 and external_table.shape[0] == vocab_size),
                 f"efficientlm: the external table must be [vocab_size={vocab_size}, d], got "
                 f"{None if external_table is None else tuple(external_table.shape)}")
@@ -341,6 +335,3 @@ class EfficientLM(DecoderLM):
             external = F.embedding(idx, self.external_table)  # [B, T, d_ext]
             x = x + self.adapter(external.to(self.adapter.skip.weight.dtype))
         return x
-
-    def structure(self) -> dict[str, int]:
-        return {"chunk": self.down_rate}

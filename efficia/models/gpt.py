@@ -9,13 +9,16 @@ from __future__ import annotations
 from torch import nn
 
 from efficia.models.attention import CausalSelfAttention
-from efficia.models.blocks import MLP, require
+from efficia.models.construction import require
 from efficia.models.decoder import DecoderLM
+from efficia.models.layers import MLP
 from efficia.models.registry import register
 
 
 @register("gpt")
 class GPT(DecoderLM):
+    """`bias` (nanoGPT's): biases in every linear layer but the head (attention and MLP) and in the LayerNorms."""
+
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
                  max_seq_len: int, dropout: float, ffn_hidden: int, bias: bool, pos_emb: str, rope_theta: float,
                  tie_embeddings: bool, gradient_checkpointing: bool) -> None:

@@ -43,7 +43,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from efficia.models.blocks import RMSNorm, apply_rope, attend, causal_mask, mark_keep_float, require, sdpa
+from efficia.models.construction import mark_keep_float, require
+from efficia.models.kernels import attend, causal_mask, sdpa
+from efficia.models.layers import RMSNorm, apply_rope
 
 Rope = tuple[Tensor, Tensor] | None
 T_out = TypeVar("T_out")
@@ -206,7 +208,7 @@ def recompute_in_backward(fn: Callable[..., T_out], *args: Any) -> T_out:
     """fn(*args), keeping for backward only what fn's outputs' consumers keep, plus args: everything fn
     computed in between is recomputed in backward (non-reentrant `checkpoint`; exact, the same ops again).
 
-    Why: the latent projections are cheap (O(T·d·d_c)) next to attention (O(T²)), but autograd kept each
+    Why: the latent projections are cheap (O(T·d·d_c)) next to attention (O(T²)), but autograd would keep each
     of their [T, ·] intermediates (the latent before and after its norm, the query latent, the per-head
     keys and the [q_c | q_R] / [k_h | k_R] concatenations) per layer: at T = 8192, scale=small, about 12 MiB
     (optimus) and 23 MiB (efficientlm) a layer, and the [B,T,H·Dv] copy the output projection keeps (4 MiB)

@@ -1,9 +1,9 @@
 """`lumenspark`: a block-causal Linformer LM (the seed's Linformer, made causal).
 
 Linformer compresses keys and values along the sequence (K' = E K). Over the whole sequence every
-compressed key mixes future tokens, and masking the scores cannot undo that (the seed had no mask at
-all). Here the sequence is cut into blocks of `block` tokens and only a *completed* block is
-compressed, to `k_per_block` slots by E (keys) and F (values), learned and shared by every block:
+compressed key mixes future tokens, and masking the scores cannot undo that. Here the sequence is cut
+into blocks of `block` tokens and only a *completed* block is compressed, to `k_per_block` slots by E
+(keys) and F (values), learned and shared by every block:
 
     tokens   | b0 ........ | b1 ........ | b2 ...q      (block = 8, k_per_block = 2)
     query q sees   [E·K(b0)]     [E·K(b1)]    exact K of b2 up to q (causal)
@@ -29,20 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efficia.models.blocks import (
-    Dropout,
-    RMSNorm,
-    attend_sink,
-    attend_sink_masked,
-    autocasting,
-    check_heads,
-    mark_keep_init,
-    mark_residual,
-    require,
-    softmax_with_lse,
-    with_sinks,
-)
+from efficia.models.construction import check_heads, mark_keep_init, mark_residual, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
+from efficia.models.kernels import attend_sink, attend_sink_masked, sdpa, softmax_with_lse, with_sinks
+from efficia.models.layers import Dropout, RMSNorm, autocasting
 from efficia.models.registry import register
 
 
@@ -273,7 +263,7 @@ class BlockLinformerAttention(Mixer):
         if k.shape[2] <= self.block and q.shape[2] == 1:  # one token: every cached key is visible, no mask
             keys = torch.cat((state.slots_k.to(k.dtype), k), dim=2)
             values = torch.cat((state.slots_v.to(v.dtype), v), dim=2)
-            y = F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1])
+            y = sdpa(q, keys, values, dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1])
         else:
             y = block_causal_attention(q, k, v, self.e, self.f, self.block, state.slots_k, state.slots_v, dropout)
         done = k.shape[2] // self.block * self.block
@@ -296,21 +286,20 @@ class BlockLinformerAttention(Mixer):
 @register("lumenspark")
 class Lumenspark(DecoderLM):
     """`q_rank` is the query projection's rank; the feed-forward is d -> ffn_hidden -> d through two
-    LowRankLinear of rank `ffn_rank`. `n_kv_head` 1 is the seed's single shared K/V head."""
+    LowRankLinear of rank `ffn_rank`. `n_kv_head` 1 is the seed's single shared K/V head. `attention_bias`:
+    biases on the attention projections (query, key/value, output), nowhere else (the feed-forward and the
+    RMSNorms have none)."""
 
     learned_positions = True
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
                  max_seq_len: int, dropout: float, block: int, k_per_block: int, q_rank: int, ffn_hidden: int,
-                 ffn_rank: int, norm_eps: float, bias: bool,
+                 ffn_rank: int, norm_eps: float, attention_bias: bool,
                  tie_embeddings: bool, gradient_checkpointing: bool) -> None:
         self.block, self.k_per_block = block, k_per_block
         super().__init__(vocab_size, d_model, n_layer, max_seq_len, dropout, gradient_checkpointing,
                          tie_embeddings=tie_embeddings,
                          mixer=lambda _: BlockLinformerAttention(d_model, n_head, n_kv_head, block, k_per_block, q_rank,
-                                                                 dropout, bias),
+                                                                 dropout, attention_bias),
                          ffn=lambda: LowRankFeedForward(d_model, ffn_hidden, ffn_rank, dropout),
                          norm=lambda: RMSNorm(d_model, eps=norm_eps))
-
-    def structure(self) -> dict[str, int]:
-        return {"block": self.block}

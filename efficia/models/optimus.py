@@ -6,8 +6,8 @@ part (per-head q_R, one k_R of width d_R shared by every head, rotated at absolu
 scaled by 1/sqrt(d_h + d_R). Training runs the expanded path (per-head K/V, causal multi-head SDPA);
 decoding keeps ONLY c_kv and k_R per position ((d_c + d_R) numbers per layer, 0.27 of MHA's 2·d at the
 seed sizes) and runs the absorbed path, W_uk folded into the query and W_uv applied after attention,
-derived from the current weights at every call. (The seed fed one giant head to SDPA, dropped the causal
-mask in eval, cached its absorbed weights once and restarted RoPE at 0 when decoding.)
+derived from the current weights at every call, so they never go stale after an optimizer step. The causal
+mask holds in training and decoding alike, and RoPE continues at the cache's absolute positions.
 
 `attention: gqa` swaps in the shared grouped-query attention with `n_kv_head` K/V heads, so the two
 compare by config. The shared pieces live in `latent.py` (MLA and MTLA) and `attention.py`.
@@ -19,9 +19,11 @@ import torch
 from torch import Tensor
 
 from efficia.models.attention import CausalSelfAttention
-from efficia.models.blocks import RMSNorm, SwiGLU, attend, check_heads, require
+from efficia.models.construction import check_heads, require
 from efficia.models.decoder import DecoderLM, Mixer, Step
+from efficia.models.kernels import attend
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState, recompute_in_backward
+from efficia.models.layers import RMSNorm, SwiGLU
 from efficia.models.registry import register
 
 

@@ -29,7 +29,7 @@ def config_keys(cls: type) -> dict[str, inspect.Parameter]:
     """The constructor's keyword-only arguments that come from the yaml: all but vocab_size (from the tokenizer)
     and the tensors named in `cls.inputs` (given by the code that builds the model, never by the config)."""
     signature = inspect.signature(cls.__init__).parameters
-    skip = {"vocab_size", *getattr(cls, "inputs", ())}
+    skip = {"vocab_size", *cls.inputs}
     return {k: p for k, p in signature.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in skip}
 
 
@@ -76,10 +76,11 @@ def check_value(name: str, key: str, value: Any, hint: Any) -> None:
         raise ConfigError(f"model={name}: {key} must be a mapping of keys, got {value!r}{where}")
 
 
-def build_model(model_cfg: Mapping[str, Any], vocab_size: int, **inputs: Any):
-    """Build the architecture named by `model_cfg['name']` from the rest of the model config. `inputs`: the
-    tensors a model declares in `inputs` (efficientlm's external table), read by the caller, never from files
-    here (`efficia.inputs.model_inputs`)."""
+def construct(model_cfg: Mapping[str, Any], vocab_size: int, **inputs: Any) -> Any:
+    """The architecture named by `model_cfg['name']`, built from the rest of the model config. `inputs`: the
+    tensors the class declares in `inputs` (efficientlm's external table), read by the caller, never from files
+    here. Call `efficia.build.build_model`, which reads them; only it and the remote-code bundle (no efficia
+    installed there) call this."""
     params = dict(model_cfg)
     name = params.pop("name", None)
     if name not in MODELS:

@@ -6,9 +6,9 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from efficia.checkpoint import SAMPLING_KEYS, LoadedModel
 from efficia.errors import ConfigError
-from efficia.pretrained import load_any
+from efficia.inference.loading import SAMPLING_KEYS, LoadedModel
+from efficia.inference.pretrained import load_any
 
 
 def write(text: str) -> None:

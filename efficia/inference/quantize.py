@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from efficia.errors import ConfigError
-from efficia.models.blocks import keeps_float
+from efficia.models.construction import keeps_float
 
 MODES = ("int8",)
 

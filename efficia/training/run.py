@@ -22,12 +22,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import efficia.config  # noqa: F401  (registers the ${mixed_precision:} resolver recipes use)
-from efficia.callbacks import FinalValidation
 from efficia.checks import check_fits, check_run_config, config_errors
 from efficia.data.base import DataModule
 from efficia.errors import ConfigError, TrainingError
-from efficia.module import LanguageModule
-from efficia.reliability import (
+from efficia.training.callbacks import FinalValidation
+from efficia.training.checkpointing import (
     AtomicCheckpointIO,
     GracefulStop,
     LoggerStep,
@@ -35,7 +34,8 @@ from efficia.reliability import (
     find_checkpoint_callback,
     weights_finite,
 )
-from efficia.resume import check_resumable, checkpoint_dir, claim_run_dir, resolve_ckpt_path, resume_command
+from efficia.training.module import TrainingModule
+from efficia.training.resume import check_resumable, checkpoint_dir, claim_run_dir, resolve_ckpt_path, resume_command
 
 LIGHTNING_NOISE = (  # lines about Lightning, not about the run
     "💡 Tip:",                       # advertisements for Lightning's cloud products
@@ -108,7 +108,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     quiet_lightning()
     check_run_config(plain_cfg)
-    check_fits(plain_cfg, LanguageModule.LOGGED)
+    check_fits(plain_cfg, TrainingModule.LOGGED)
     output_dir = Path(cfg.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg))
     claim_run_dir(output_dir, ckpt_path)
@@ -128,7 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_resumable(ckpt_path, plain_cfg, datamodule.tokenizer.state())
     # no config_errors here: the registry and the constructors refuse bad model settings in one line (ConfigError);
     # anything else a constructor raises is a bug and keeps its traceback
-    module = LanguageModule(plain_cfg, datamodule.tokenizer.state())
+    module = TrainingModule(plain_cfg, datamodule.tokenizer.state())
     with config_errors("optimizer"):  # built for real inside fit; refuse bad values before any work
         instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
     n_params = module.net.num_params()

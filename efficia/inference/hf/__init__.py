@@ -3,9 +3,9 @@ and import back (`efficia.from_pretrained(folder)`).
 
     folder/
       config.json, model.safetensors     a native transformers class where one computes the same math
-                                         (efficia/hf/native.py), else remote code (efficia/hf/remote.py):
+                                         (hf/native.py), else remote code (hf/remote_code.py):
       configuration_efficia.py, ...      + the bundled efficia source and auto_map (trust_remote_code=True)
-      tokenizer.json, tokenizer_config.json   AutoTokenizer gives the same ids (efficia/hf/tokenizer.py)
+      tokenizer.json, tokenizer_config.json   AutoTokenizer gives the same ids (efficia/inference/hf/tokenizer.py)
       generation_config.json             the checkpoint's sampling preset
       efficia.json                       what efficia needs to read the folder back: model config, tokenizer
                                          state, sampling preset, which transformers class was written and why
@@ -42,8 +42,8 @@ def require_transformers() -> None:
 def write_hf(model: Any, run: dict[str, Any], folder: Path, remote_code: bool | None = None) -> str:
     """Write `model` (a LoadedModel) into the empty `folder`; returns which transformers class and why."""
     require_transformers()
-    from efficia.hf.native import choose
-    from efficia.hf.tokenizer import hf_tokenizer
+    from efficia.inference.hf.native import choose
+    from efficia.inference.hf.tokenizer import hf_tokenizer
 
     net = model.net
     native, why = (None, "remote_code=true") if remote_code else choose(net)
@@ -84,7 +84,7 @@ def _generation_config(sampling: dict[str, Any]) -> Any:
 def _write_native(net: nn.Module, native: Any, folder: Path, eos: int | None) -> None:
     import transformers
 
-    from efficia.hf.native import convert, unique_tensors
+    from efficia.inference.hf.native import convert, unique_tensors
 
     config = transformers.AutoConfig.for_model(**native.config(net), bos_token_id=None, eos_token_id=eos,
                                                pad_token_id=None)
@@ -110,8 +110,8 @@ def _write_remote(net: nn.Module, model_cfg: dict[str, Any], folder: Path, eos: 
     import transformers
     from safetensors.torch import save_file
 
-    from efficia.hf.native import tied, unique_tensors
-    from efficia.hf.remote import CONFIGURATION, MODELING, remote_files
+    from efficia.inference.hf.native import tied, unique_tensors
+    from efficia.inference.hf.remote_code import CONFIGURATION, MODELING, remote_files
 
     for name, source in remote_files(net).items():
         (folder / name).write_text(source)
@@ -119,7 +119,7 @@ def _write_remote(net: nn.Module, model_cfg: dict[str, Any], folder: Path, eos: 
               "auto_map": {"AutoConfig": f"{CONFIGURATION[:-3]}.EfficiaConfig",
                            "AutoModelForCausalLM": f"{MODELING[:-3]}.{REMOTE_CLASS}"},
               "efficia_model": model_cfg, "vocab_size": net.tok_emb.num_embeddings, "tie_word_embeddings": tied(net),
-              "efficia_inputs": {name: list(getattr(net, name).shape) for name in getattr(type(net), "inputs", ())
+              "efficia_inputs": {name: list(getattr(net, name).shape) for name in net.inputs
                                  if getattr(net, name, None) is not None},
               "bos_token_id": None, "eos_token_id": eos, "pad_token_id": None,
               "dtype": str(net.param_dtype).removeprefix("torch."), "transformers_version": transformers.__version__}
@@ -145,14 +145,15 @@ def check_logits(net: nn.Module, theirs: Any, what: str) -> None:
     diff = (a - b).abs().max().item()
     if not diff <= tolerance * max(1.0, a.abs().max().item()):
         raise CheckpointError(f"export to {what}: its logits differ from efficia's by {diff:.3g}; this is a bug in "
-                              "efficia/hf (please report it with the model config)")
+                              "efficia/inference/hf (please report it with the model config)")
 
 
 def load_hf(folder: Path, device: str = "cpu") -> Any:
     """The LoadedModel of a folder `write_hf` wrote (native or remote code), without running its code."""
-    from efficia.checkpoint import LoadedModel, build_net
+    from efficia.build import build_model
     from efficia.data.tokenizers import tokenizer_from_state
     from efficia.errors import EfficiaError
+    from efficia.inference.loading import LoadedModel
 
     meta = _meta(folder)
     kind = meta["transformers"]
@@ -162,7 +163,7 @@ def load_hf(folder: Path, device: str = "cpu") -> Any:
     try:
         tokenizer = tokenizer_from_state(meta["tokenizer_state"])
         # a tensor the model takes besides its config (efficientlm's external table) comes from these weights
-        net = build_net(meta["model"], tokenizer.vocab_size, tensors if kind.get("remote_code") else None)
+        net = build_model(meta["model"], tokenizer.vocab_size, tensors if kind.get("remote_code") else None)
     except EfficiaError as err:
         raise CheckpointError(f"{folder}: {err}") from None
     if kind.get("remote_code"):
@@ -171,7 +172,7 @@ def load_hf(folder: Path, device: str = "cpu") -> Any:
         require_transformers()
         from transformers import AutoConfig
 
-        from efficia.hf.native import NATIVE, convert, unique_tensors
+        from efficia.inference.hf.native import NATIVE, convert, unique_tensors
 
         natives = {n.hf_class: n for candidates in NATIVE.values() for n in candidates}
         if kind.get("class") not in natives:
@@ -217,8 +218,8 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def _load_into(net: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy an export's tensors into net by name, after the renaming checkpoints get too (`current_names`: an
     export made before a model renamed its parameters still loads)."""
-    from efficia.hf.native import unique_tensors
-    from efficia.models.blocks import current_names
+    from efficia.inference.hf.native import unique_tensors
+    from efficia.models.construction import current_names
 
     tensors = current_names(net, tensors)
     ours, aliases = unique_tensors(net)

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_efficia import EfficiaConfig
 from .gpt import GPT  # noqa: F401  efficia:architecture (export writes the exported model's module here)
-from .registry import build_model
+from .registry import construct
 
 # transformers 5 passes the decoding state as `cache`, 4.x as `past_key_values`
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -49,7 +49,7 @@ class EfficiaForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: EfficiaConfig) -> None:
         super().__init__(config)
         inputs = {name: torch.zeros(shape) for name, shape in config.efficia_inputs.items()}  # filled by the weights
-        self.model = build_model(config.efficia_model, config.vocab_size, **inputs)
+        self.model = construct(config.efficia_model, config.vocab_size, **inputs)
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:

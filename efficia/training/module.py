@@ -13,12 +13,12 @@ from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from efficia.callbacks import loggers_write_at
-from efficia.checkpoint import build_net
+from efficia.build import build_model
 from efficia.data.base import IGNORE, DataModule
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import TrainingError
 from efficia.models.output import linear_cross_entropy
+from efficia.training.callbacks import loggers_write_at
 
 
 class BitsPerByte(Metric):
@@ -47,7 +47,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class LanguageModule(L.LightningModule):
+class TrainingModule(L.LightningModule):
     """Wraps any registered architecture. `cfg` is the whole resolved run config (plain types), kept in
     the checkpoint together with the tokenizer state so a checkpoint alone rebuilds model and tokenizer."""
 
@@ -58,7 +58,7 @@ class LanguageModule(L.LightningModule):
         self.save_hyperparameters()
         self.cfg = cfg
         self.tokenizer = tokenizer_from_state(tokenizer_state)
-        self.net = build_net(cfg["model"], self.tokenizer.vocab_size)
+        self.net = build_model(cfg["model"], self.tokenizer.vocab_size)
         self.register_buffer("token_bytes", self.tokenizer.token_byte_lengths(), persistent=False)
         self.val_loss = MeanMetric()
         self.val_bpb = BitsPerByte()

@@ -3,7 +3,7 @@ every RNG in the checkpoint, and only finite weights ever written.
 
 The pieces are small and independent so `training.py` only wires them:
 - `AtomicCheckpointIO`: temporary file next to the target, fsync, `os.replace` (a kill never leaves half a file).
-- `Checkpoint`: Lightning's ModelCheckpoint plus `last.ckpt` every N steps / minutes and at the end of fit;
+- `CheckpointWriter`: Lightning's ModelCheckpoint plus `last.ckpt` every N steps / minutes and at the end of fit;
   it refuses non-finite weights and never keeps a non-finite "best".
 - `GracefulStop`: SIGTERM / SIGINT / SIGUSR1 finish the current optimizer step, write `last.ckpt`, then stop.
 - `RNGState`: torch (CPU and CUDA), Python and NumPy generators saved and restored, for bit-exact resume.
@@ -82,7 +82,7 @@ def weights_finite(module: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-class Checkpoint(ModelCheckpoint):
+class CheckpointWriter(ModelCheckpoint):
     """ModelCheckpoint that also writes `last.ckpt` every `every_n_steps` optimizer steps and every
     `every_minutes` minutes (either may be null), at the end of fit and when asked (`save_last_now`).
 
@@ -163,8 +163,8 @@ def at_step_boundary(trainer: L.Trainer, batch_idx: int) -> bool:
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or trainer.fit_loop.epoch_loop.done
 
 
-def find_checkpoint_callback(trainer: L.Trainer) -> Checkpoint | None:
-    return next((c for c in trainer.callbacks if isinstance(c, Checkpoint)), None)
+def find_checkpoint_callback(trainer: L.Trainer) -> CheckpointWriter | None:
+    return next((c for c in trainer.callbacks if isinstance(c, CheckpointWriter)), None)
 
 
 class GracefulStop(Callback):

@@ -6,91 +6,20 @@ The run config and tokenizer state inside rebuild the model without the training
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from efficia.build import build_model, read_checkpoint
 from efficia.checks import check_sampling, is_int
 from efficia.data.tokenizers import Tokenizer, tokenizer_from_state
 from efficia.errors import CheckpointError, ConfigError
-from efficia.generate import generate_tokens
-from efficia.models import MODELS, build_model
+from efficia.inference.generate import generate_tokens
 from efficia.models.decoder import LanguageModel
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path train.py printed "
-                              "(e.g. outputs/<date>/<time>/checkpoints/last.ckpt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to parse an untrusted file means "not a checkpoint"
-        reason = str(err).splitlines()[0].split(".")[0][:100] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupted or not a torch "
-                              f"file: {reason}); use a complete .ckpt written by train.py") from None
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "cfg" not in hparams or "tokenizer_state" not in hparams:
-        raise CheckpointError(f"{path} is a torch file but not an efficia checkpoint (no run config "
-                              "inside); use a .ckpt written by efficia's train.py")
-    return ckpt
-
-
-def load_external_table(source: str, key: str | None, vocab_size: int) -> torch.Tensor:
-    """A frozen per-token table [vocab, d_ext]: the token embeddings of another efficia checkpoint (.ckpt) or a
-    matrix in a .safetensors file (`key` names it when the file holds several). Rows are token ids."""
-    path = Path(source).expanduser()
-    hint = "set model.external.source to an efficia .ckpt or a .safetensors matrix, or null for no adapter"
-    if not path.is_file():
-        raise ConfigError(f"efficientlm: external embedding source {path} does not exist; {hint}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        if key is None and len(tensors) != 1:
-            raise ConfigError(f"efficientlm: {path} holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); "
-                              "name one with model.external.key")
-        table = tensors[key] if key is not None else next(iter(tensors.values()))
-    else:
-        weights = read_checkpoint(path)["state_dict"]
-        name = key or "net.tok_emb.weight"
-        if name not in weights:
-            raise ConfigError(f"efficientlm: checkpoint {path} has no tensor {name!r}; name one with "
-                              "model.external.key")
-        table = weights[name]
-    if table.dim() != 2 or table.shape[0] != vocab_size:
-        raise ConfigError(f"efficientlm: external table in {path} has shape {tuple(table.shape)}, expected "
-                          f"[{vocab_size}, d] (one row per token id of this tokenizer); use a table made with "
-                          "the same tokenizer")
-    return table.detach().float()
-
-
-def model_inputs(model_cfg: Mapping[str, Any], vocab_size: int,
-                 weights: Mapping[str, torch.Tensor | Sequence[int]] | None = None) -> dict[str, torch.Tensor | None]:
-    """The tensors a model takes besides its config (the names in its class's `inputs`): efficientlm's frozen
-    external table. `weights` (name -> tensor or shape) are the weights about to be loaded: a checkpoint or an
-    export holds the table, so then only its shape is needed (a placeholder the load fills) and the source file
-    may be gone. Otherwise the table is read from `model.external.source`."""
-    cls = MODELS.get(model_cfg.get("name"))
-    external = model_cfg.get("external")
-    if "external_table" not in getattr(cls, "inputs", ()) or not isinstance(external, Mapping):
-        return {}  # build_model refuses a bad model config in one line
-    if external.get("source") is None:
-        return {"external_table": None}
-    if weights is not None and "external_table" in weights:
-        saved = weights["external_table"]
-        return {"external_table": torch.zeros(tuple(saved.shape if isinstance(saved, torch.Tensor) else saved))}
-    return {"external_table": load_external_table(str(external["source"]), external.get("key"), vocab_size)}
-
-
-def build_net(model_cfg: Mapping[str, Any], vocab_size: int,
-              weights: Mapping[str, torch.Tensor | Sequence[int]] | None = None) -> LanguageModel:
-    """The model a config describes, with the tensors it takes from outside (see `model_inputs`)."""
-    return build_model(model_cfg, vocab_size, **model_inputs(model_cfg, vocab_size, weights))
 
 
 class LoadedModel:
@@ -105,8 +34,8 @@ class LoadedModel:
         return self.net.device
 
     def quantize(self, mode: str | None) -> LoadedModel:
-        """`quantize("int8")`: dynamic int8 Linear layers for CPU sampling (efficia.quantize), in place; None: as is."""
-        from efficia.quantize import check_mode, quantize_int8
+        """`quantize("int8")`: dynamic int8 Linear layers for CPU sampling (quantize.py), in place; None: as is."""
+        from efficia.inference.quantize import check_mode, quantize_int8
 
         check_mode(mode, self.device)
         if mode is not None:
@@ -166,7 +95,7 @@ def load(path: str | Path, device: str = "cpu") -> LoadedModel:
     cfg = hparams["cfg"]
     tokenizer = tokenizer_from_state(hparams["tokenizer_state"])
     weights = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net = build_net(cfg["model"], tokenizer.vocab_size, weights)
+    net = build_model(cfg["model"], tokenizer.vocab_size, weights)
     try:
         net.load_state_dict(weights)
     except RuntimeError as err:

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import measure_flops
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-from efficia.checkpoint import model_inputs
-from efficia.models import build_model
+from efficia.build import build_model
 
 # Dense tensor-core TFLOPS (fp32 accumulate) for bf16/fp16 and tf32; plain fp32 without tensor cores.
 # GeForce cards run fp16/bf16 with fp32 accumulate at half their fp16-accumulate rate: that is the rate
@@ -73,10 +72,8 @@ def compute_dtype(precision: str, device_type: str) -> str:
 def training_flops_per_token(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int) -> float:
     """Forward + backward FLOPs per token of one `seq_len` window, counted on the meta device (no memory,
     no time): the model is built from its config exactly as training builds it."""
-    inputs = {k: None if v is None else v.to("meta") for k, v in model_inputs(model_cfg, vocab_size).items()}
-    with torch.device("meta"):
-        net = build_model(model_cfg, vocab_size, **inputs)
-        idx = torch.zeros(1, seq_len, dtype=torch.long)
+    net = build_model(model_cfg, vocab_size, device="meta")
+    idx = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     net.train()
 
     def loss(logits: torch.Tensor) -> torch.Tensor:
@@ -123,7 +120,7 @@ def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak(name, dtype)
-        source = f"{dtype} datasheet peak of {name}" if peak else f"{name} is not in efficia.throughput.GPU_PEAK_TFLOPS"
+        source = f"{dtype} datasheet peak of {name}" if peak else f"{name} is not in GPU_PEAK_TFLOPS"
         return peak, source
     if device.type == "cpu":
         return measure_cpu_peak(dtype), f"{dtype} matmul measured on this CPU, {torch.get_num_threads()} threads"

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from efficia.data.base import IGNORE
-from efficia.throughput import compute_dtype, peak_flops, training_flops_per_token
+from efficia.training.throughput import compute_dtype, peak_flops, training_flops_per_token
 
 
 class LossCurve(Callback):
@@ -87,7 +87,7 @@ class Throughput(Callback):
 
     Timed from one batch end to the next, so data loading counts and asynchronous GPU work is paid
     for in steady state without forcing a sync; the clock restarts after each validation. MFU divides
-    by measured numbers only (efficia.throughput): FLOPs counted for this model, the CPU's measured
+    by measured numbers only (efficia.training.throughput): FLOPs counted for this model, the CPU's measured
     matmul peak or the GPU's datasheet peak; where no peak is known, MFU is not logged.
     """
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from efficia.checkpoint import read_checkpoint
+from efficia.build import read_checkpoint
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import CheckpointError, ConfigError
 

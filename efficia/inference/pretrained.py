@@ -6,7 +6,7 @@
       tokenizer.json     the tokenizer: {"kind": "char", "chars": "..."} or {"kind": "tiktoken", "encoding": "gpt2"}
       model.safetensors  the weights; a tensor shared by several names (a tied head) is stored once
 
-`save_pretrained(..., format="hf")` writes a Hugging Face transformers folder instead (efficia/hf), which
+`save_pretrained(..., format="hf")` writes a Hugging Face transformers folder instead (efficia/inference/hf), which
 `from_pretrained` reads back too.
 
 `save_pretrained(ckpt_or_model, out_dir)` writes it (`python -m efficia.export ckpt=... out=...` from a
@@ -27,12 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from efficia.checkpoint import LoadedModel, build_net, load
+from efficia.build import build_model
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import CheckpointError, ConfigError, EfficiaError
-from efficia.hf import FORMAT as HF_FORMAT
-from efficia.hf import META as HF_META
-from efficia.hf import load_hf, write_hf
+from efficia.inference.hf import FORMAT as HF_FORMAT
+from efficia.inference.hf import META as HF_META
+from efficia.inference.hf import load_hf, write_hf
+from efficia.inference.loading import LoadedModel, load
 
 FORMAT, VERSION = "efficia-pretrained", 1
 CONFIG, TOKENIZER, WEIGHTS = "config.json", "tokenizer.json", "model.safetensors"
@@ -45,7 +46,7 @@ def save_pretrained(source: str | Path | LoadedModel, out_dir: str | Path, overw
     """Write `source` (a checkpoint path or a loaded model) to `out_dir`; returns the folder.
 
     `format="hf"`: a transformers folder (a native class where one computes the same math, else remote code;
-    `remote_code=True` forces remote code, `False` refuses it). See efficia/hf.
+    `remote_code=True` forces remote code, `False` refuses it). See efficia/inference/hf.
 
     The folder is written beside its destination and moved into place at the end, so an interrupted
     export never leaves a half-written one. An existing non-empty folder is replaced only with
@@ -126,7 +127,7 @@ def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
         raise _not_loadable(weights, config, err) from None
     try:
         tokenizer = tokenizer_from_state(_read_json(folder, TOKENIZER))
-        net = build_net(config["model"], tokenizer.vocab_size, shapes)  # self-contained: the weights hold the table
+        net = build_model(config["model"], tokenizer.vocab_size, shapes)  # self-contained: the weights hold the table
     except EfficiaError as err:
         raise CheckpointError(f"{folder}: {err}") from None
     try:

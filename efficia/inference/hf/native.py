@@ -242,7 +242,7 @@ NATIVE: dict[str, tuple[Native, ...]] = {"optimus": (DEEPSEEK_V2, LLAMA), "gpt":
 def choose(net: nn.Module) -> tuple[Native | None, str]:
     """The first native class that computes this model, or None and why none does."""
     reasons = []
-    for native in NATIVE.get(getattr(net, "registry_name", ""), ()):
+    for native in NATIVE.get(net.registry_name, ()):
         try:
             native.config(net)
             return native, native.hf_class
@@ -319,6 +319,6 @@ def convert(native: Native, hf_config: Any, source: dict[str, Tensor], target: d
         side = "efficia" if to_hf else "transformers"
         what = (f"no rule takes {side}'s tensor {unmapped[0]}" if unmapped
                 else f"no rule makes {'transformers' if to_hf else 'efficia'}'s tensor {missing[0]}")
-        raise CheckpointError(f"{where}: {what}; the mapping table in efficia/hf/native.py is incomplete "
+        raise CheckpointError(f"{where}: {what}; the mapping table in efficia/inference/hf/native.py is incomplete "
                               f"({len(unmapped)} unmapped, {len(missing)} missing)")
     return out

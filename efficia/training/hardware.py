@@ -37,8 +37,8 @@ def memory_fraction(budget_bytes: int, total_bytes: int) -> float:
 
 
 class GPUMemoryBudget(Callback):
-    """`card` names the card the preset stands for (a key of efficia.throughput.GPU_PEAK_TFLOPS: the plan's
-    step time, efficia/plan.py)."""
+    """`card` names the card the preset stands for (a key of efficia.training.throughput.GPU_PEAK_TFLOPS: the plan's
+    step time, efficia/plan/choose.py)."""
 
     def __init__(self, memory_gb: float, headroom: float, card: str) -> None:
         self.card = card

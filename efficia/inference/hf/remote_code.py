@@ -1,7 +1,7 @@
 """Remote-code exports, generated from the model's own source: the architecture's module and every efficia
 module it imports (the shared blocks, the decoder skeleton, the registry, errors) are copied into the folder
 with `from efficia.models.X import` / `from efficia.X import` rewritten to `from .X import`, beside two
-fixed files (remote/configuration_efficia.py and remote/modeling_efficia.py) that wrap the model for
+fixed files (templates/configuration_efficia.py and templates/modeling_efficia.py) that wrap the model for
 transformers. So the exported math is efficia's and cannot drift from it; only import lines differ.
 """
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from efficia.errors import CheckpointError
 
-TEMPLATES = Path(__file__).with_name("remote")
+TEMPLATES = Path(__file__).with_name("templates")
 MODELING, CONFIGURATION = "modeling_efficia.py", "configuration_efficia.py"
 BUNDLEABLE = ("efficia.models.", "efficia.errors")  # what a model module may import and still be bundled
 IMPORT = re.compile(r"^(\s*)from efficia(?:\.models)?\.(\w+) import", flags=re.MULTILINE)
