@@ -287,7 +287,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("val loss (nats/token)")
-    handles, labels = axes[0].get_legend_handles_labels()
+    save_with_legend(fig, axes[0], path)
+
+
+def save_with_legend(fig: Any, legend_from: Any, path: Path) -> None:
+    """One legend under the panels (from `legend_from`'s lines), then the PNG; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = legend_from.get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) if handles else 0, 1, 1))
@@ -320,12 +327,7 @@ def plot_recall(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) if handles else 0, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_with_legend(fig, axes[0], path)
 
 
 class SweepReport(HydraCallback):
