@@ -7,7 +7,6 @@ import hydra
 from omegaconf import DictConfig
 
 from efficia.cli import run_cli
-from efficia.training.run import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,6 +16,8 @@ def main(cfg: DictConfig) -> float | None:
 
         run_cli(plan_from_hydra, cfg)
         return None
+    from efficia.training.run import train  # here, so --help and a refused override do not load Lightning
+
     result = run_cli(train, cfg)
     value = result["metrics"].get(cfg.optimized_metric)
     return value
