@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from efficia.errors import ConfigError
 from efficia.training.module import TrainingModule
+from efficia.training.throughput import run_flops_per_token
 
 RECORD = "run_record.json"
 RECALL = "val/recall_acc"
@@ -52,6 +53,7 @@ class RunRecord(Callback):
         self.cpu_start = 0.0         # process CPU seconds at fit start: on a shared machine, what the run itself used
         self.prior_cpu_s = 0.0
         self.last_end: float | None = None
+        self.flops_per_token = math.nan
 
     def wall_s(self) -> float:
         return self.prior_wall_s + (time.perf_counter() - self.fit_start if self.fit_start is not None else 0.0)
@@ -62,6 +64,7 @@ class RunRecord(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: TrainingModule) -> None:
         self.fit_start = time.perf_counter()
         self.cpu_start = time.process_time()
+        self.flops_per_token, _ = run_flops_per_token(pl_module.cfg, pl_module.tokenizer.vocab_size)
         update_wandb_summary(trainer, static_facts(pl_module))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: TrainingModule, outputs: Any,
@@ -103,6 +106,8 @@ class RunRecord(Callback):
         return {
             "steps": trainer.global_step,
             "tokens": float(pl_module.tokens_seen),
+            "flops_per_token": self.flops_per_token,  # forward + backward, counted (efficia.training.throughput)
+            "flops": self.flops_per_token * float(pl_module.tokens_seen),
             "wall_s": self.wall_s(),
             "cpu_s": self.cpu_s(),
             "tokens_per_s": self.train_tokens / self.train_s if self.train_s > 0 else math.nan,
@@ -156,7 +161,7 @@ def update_wandb_summary(trainer: L.Trainer, values: dict[str, Any]) -> None:
 
 # -- the sweep report -----------------------------------------------------------------------------
 
-COLUMNS = ["job", "overrides", "model", "params", "steps", "tokens", "best_val_loss", "best_val_bpb",
+COLUMNS = ["job", "overrides", "model", "params", "steps", "tokens", "flops", "best_val_loss", "best_val_bpb",
            "final_val_loss", "final_val_bpb", "wall_s", "cpu_s", "tokens_per_s",
            *(f"cache_bytes@{n}" for n in CACHE_LENGTHS), "final_recall_acc", "best_recall_acc", "status"]
 
