@@ -29,10 +29,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from efficia.errors import ConfigError
+from efficia.training.budget import describe_budget
 from efficia.training.module import TrainingModule
 from efficia.training.throughput import run_flops_per_token
 
 RECORD = "run_record.json"
+FAILED = "job_failed.json"  # written by efficia.training.multirun for a job that failed
 RECALL = "val/recall_acc"
 CACHE_LENGTHS = (1024, 8192)  # decoding-cache bytes are reported at these sequence lengths
 
@@ -190,12 +192,18 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         record_path = d / RECORD
         if record_path.is_file():
             record = json.loads(record_path.read_text())
-            row.update({k: v for k, v in record.items() if k in COLUMNS or k.startswith("recall_acc/")})
+            row.update({k: v for k, v in record.items()
+                        if k in COLUMNS or k == "flops_per_token" or k.startswith("recall_acc/")})
             row["status"] = "done"
             row["val"] = record.get("val", [])
-        else:
-            row["status"] = "no record: failed, running, or run without callbacks.run_record"
+        elif (d / FAILED).is_file():
+            row["status"] = "failed: " + json.loads((d / FAILED).read_text())["error"]
             row["val"] = []
+        else:
+            row["status"] = "no record: running, stopped, or run without callbacks.run_record"
+            row["val"] = []
+        config = d / ".hydra" / "config.yaml"
+        row["budget"] = describe_budget(yaml.safe_load(config.read_text())) if config.is_file() else None
         rows.append(row)
     common = set.intersection(*(set(r["override_list"]) for r in rows)) if len(rows) > 1 else set()
     for r in rows:  # what tells this job from the others (the table and the plot legend show only this)
@@ -249,7 +257,8 @@ def markdown(rows: list[dict[str, Any]], sweep_dir: Path) -> str:
                  fmt(r.get("steps"), "d"), fmt(r.get("tokens"), ".3f", 1e6), fmt(r.get("best_val_loss"), ".4f"),
                  fmt(r.get("best_val_bpb"), ".4f"), fmt(r.get("final_val_loss"), ".4f"), fmt(r.get("wall_s"), ".0f"),
                  fmt(r.get("tokens_per_s"), ",.0f"),
-                 *(fmt(r.get(f"cache_bytes@{n}"), ",.0f", 1024) for n in CACHE_LENGTHS), r["status"]]
+                 *(fmt(r.get(f"cache_bytes@{n}"), ",.0f", 1024) for n in CACHE_LENGTHS),
+                 r["status"].replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![val loss against steps, tokens and wall time](summary.png)", ""]
     if setting_columns(rows):
@@ -346,6 +355,13 @@ class SweepReport(HydraCallback):
         md = write_report(config.hydra.sweep.dir)
         if md is not None:
             print(f"sweep report: {md} (+ summary.csv, summary.png)")
+        rows = collect(Path(config.hydra.sweep.dir))
+        failed = [r for r in rows if r["status"].startswith("failed")]
+        if failed:  # the sweep ran every job; its exit status still says that some failed
+            print(f"error: {len(failed)} of {len(rows)} jobs failed (their error lines are in {md}): "
+                  + "; ".join(f"{r['job']}: {r['status'].removeprefix('failed: ')}" for r in failed[:3]),
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
