@@ -61,7 +61,7 @@ def apply_flops_budget(trainer: L.Trainer, cfg: Mapping[str, Any], vocab_size: i
     if (cfg.get("budget") or {}).get("flops") is None:
         return None
     steps, flops_per_token = steps_for_flops(cfg, vocab_size, batch_size, trainer.world_size)
-    trainer.fit_loop.max_steps = steps
+    trainer.fit_loop.epoch_loop.max_steps = steps
     return (f"budget: {cfg['budget']['flops']:.3g} training FLOPs = {steps:,} optimizer steps at "
             f"{flops_per_token / 1e6:,.2f} MFLOP per token (trainer.max_steps ignored)")
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from efficia.training.sweep import collect, fmt, save_with_legend
 
 VARIED_BY_PROTOCOL = ("optimizer.lr", "seed")
@@ -25,17 +27,30 @@ VARIED_BY_PROTOCOL = ("optimizer.lr", "seed")
 
 @dataclass(frozen=True)
 class Protocol:
-    """What is compared and how: the validation metric (`val/loss`, `val/recall_acc`, ...), whether lower or
-    higher is better, and which validation counts (the last one, at the end of the budget, or the best one)."""
+    """What is compared and how (conf/hydra/sweeper/compare.yaml): the validation metric (`val/loss`,
+    `val/recall_acc`, ...), whether lower or higher is better (`min`/`max`), which validation counts (the last
+    one, at the end of the budget, or the best one), stage 1's grid as factors of the recipe's rate, and seeds."""
 
-    metric: str = "val/loss"
-    mode: str = "min"
-    at: str = "final"
-    lr_factors: tuple[float, ...] = (0.316, 1.0, 3.16, 10.0)
-    seeds: int = 3
+    metric: str
+    mode: str
+    at: str
+    lr_factors: tuple[float, ...]
+    seeds: int
 
     def better(self, a: float, b: float) -> bool:
         return a < b if self.mode == "min" else a > b
+
+
+def comparison_of(sweep_dir: Path) -> Protocol | None:
+    """The protocol of a comparison's sweep folder (its multirun.yaml names the compare sweeper), else None."""
+    saved = sweep_dir / "multirun.yaml"
+    if not saved.is_file():
+        return None
+    sweeper = (yaml.safe_load(saved.read_text()).get("hydra") or {}).get("sweeper") or {}
+    if not str(sweeper.get("_target_", "")).endswith("ComparisonSweeper"):
+        return None
+    return Protocol(sweeper["metric"], sweeper["mode"], sweeper["at"], tuple(sweeper["lr_factors"]),
+                    int(sweeper["seeds"]))
 
 
 @dataclass
@@ -131,10 +146,9 @@ def stage_one(groups: Sequence[Sequence[str]], lr: float, seed: int, protocol: P
 
 def stage_two(groups: Sequence[Sequence[str]], sweep_dir: Path, protocol: Protocol, seed: int) -> list[list[str]]:
     """Each group's best rate (from the records stage 1 left) with seeds seed+1 ... seed+seeds-1."""
-    wanted = {tuple(sorted(g)): list(g) for g in groups}
-    results = choose(parse_jobs(collect(sweep_dir), protocol), protocol, seed)
-    return [[*wanted[r.group], f"optimizer.lr={r.best_lr:.3g}", f"seed={seed + i}"]
-            for r in results if r.best_lr is not None and r.group in wanted for i in range(1, protocol.seeds)]
+    best = {r.group: r.best_lr for r in choose(parse_jobs(collect(sweep_dir), protocol), protocol, seed)}
+    return [[*g, f"optimizer.lr={lr:.3g}", f"seed={seed + i}"]
+            for g in groups if (lr := best.get(tuple(sorted(g)))) is not None for i in range(1, protocol.seeds)]
 
 
 def seed_stats(values: Sequence[float]) -> Stats | None:

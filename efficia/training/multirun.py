@@ -17,10 +17,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from efficia.errors import EfficiaError, Stopped
+from efficia.training.resume import APPLIED_ON_RESUME, MARKER
 from efficia.training.sweep import FAILED, RECORD, write_report
 
 
@@ -43,6 +45,22 @@ def recorded_metric(job_dir: Path, metric: str) -> float | None:
     return float(scored[-1][key]) if scored else None
 
 
+def started_with(job_dir: Path) -> list[str] | None:
+    """The overrides the run in job_dir was started with (Hydra's copy, kept aside when the run claimed the
+    folder, or the failure record's), None where the folder holds none."""
+    kept = job_dir / MARKER / "hydra" / "overrides.yaml"
+    if kept.is_file():
+        return list(yaml.safe_load(kept.read_text()) or [])
+    if (job_dir / FAILED).is_file():
+        return json.loads((job_dir / FAILED).read_text()).get("overrides")
+    return None
+
+
+def defining(overrides: list[str]) -> set[str]:
+    """The overrides that make a run what it is (those a resume may change, trainer.* and the like, left out)."""
+    return {o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(APPLIED_ON_RESUME)}
+
+
 def sweep_resume_command(sweep_dir: str) -> str:
     """This sweep's own command line, pointed at its folder."""
     args = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
@@ -55,6 +73,12 @@ def run_job(train: Any, cfg: DictConfig) -> float | None:
     job_dir, sweep_dir = Path(cfg.output_dir), str(hydra.sweep.dir)
     name = " ".join(hydra.overrides.task) or "(no overrides)"
     state = job_state(job_dir)
+    before = started_with(job_dir) if state != "new" else None
+    if before is not None and defining(before) != defining(list(hydra.overrides.task)):
+        print(f"error: job {hydra.job.num}'s folder {job_dir} holds a run of other overrides ({' '.join(before)}); "
+              "a sweep run again into its folder must repeat its command; give a new hydra.sweep.dir for a new "
+              "sweep", file=sys.stderr)
+        sys.exit(2)
     if state == "finished":
         print(f"job {hydra.job.num} ({name}): finished earlier, skipped ({job_dir / RECORD})")
         return recorded_metric(job_dir, cfg.optimized_metric)
@@ -79,14 +103,14 @@ def run_job(train: Any, cfg: DictConfig) -> float | None:
         if not isinstance(err, EfficiaError):  # a bug: keep its trace in the log
             traceback.print_exc()
             line = f"{type(err).__name__}: {line}"
-        record_failure(job_dir, line)
+        record_failure(job_dir, line, list(hydra.overrides.task))
         print(f"error: job {hydra.job.num} ({name}) failed: {line}; the sweep goes on", file=sys.stderr)
         return None
     return result["metrics"].get(cfg.optimized_metric)
 
 
-def record_failure(job_dir: Path, line: str) -> None:
+def record_failure(job_dir: Path, line: str, overrides: list[str]) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
     tmp = job_dir / (FAILED + ".tmp")
-    tmp.write_text(json.dumps({"error": line}))
+    tmp.write_text(json.dumps({"error": line, "overrides": overrides}))
     tmp.replace(job_dir / FAILED)

@@ -367,8 +367,8 @@ class SweepReport(HydraCallback):
 def main(argv: list[str] | None = None) -> None:
     """python -m efficia.sweep dir=<sweep dir>
 
-    Rebuild a multirun's report (summary.csv, summary.md, summary.png) in its sweep folder from the jobs'
-    run_record.json files, e.g. after an interrupted sweep: dir=multirun/<date>/<time>.
+    Rebuild a multirun's report (summary.csv, summary.md, summary.png, and compare.md for a comparison) in its
+    sweep folder from the jobs' run_record.json files, e.g. after an interrupted sweep: dir=multirun/<date>/<time>.
     """
     from efficia.cli import command_options, run_cli
 
@@ -379,5 +379,12 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"dir={options['dir']} is not a folder; give a multirun sweep folder "
                               "(multirun/<date>/<time>)")
         print(write_report(options["dir"]) or f"no jobs found under {options['dir']}")
+        from efficia.training.compare import comparison_of
+
+        protocol = comparison_of(Path(str(options["dir"])))
+        if protocol is not None:
+            from efficia.training.compare import write_comparison
+
+            print(write_comparison(options["dir"], protocol))
 
     run_cli(run, None)
