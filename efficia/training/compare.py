@@ -106,7 +106,7 @@ def parse_jobs(rows: Iterable[Mapping[str, Any]], protocol: Protocol) -> list[Jo
         if not all(k in settings for k in VARIED_BY_PROTOCOL):
             continue
         group = tuple(sorted(o for o in row["override_list"] if o.split("=", 1)[0] not in VARIED_BY_PROTOCOL))
-        value = metric_value(row["val"], protocol) if row["status"] == "done" else None
+        value = metric_value(row["val"], protocol)  # None without a record: failed, running or stopped
         jobs.append(Job(group, float(settings["optimizer.lr"]), int(settings["seed"]), value, row["status"], dict(row)))
     return jobs
 
@@ -126,7 +126,8 @@ def choose(jobs: Sequence[Job], protocol: Protocol, first_seed: int) -> list[Res
         sign = 1.0 if protocol.mode == "min" else -1.0
         best = min(scored, key=lambda j: (sign * j.value, j.lr))
         result.best_lr = best.lr
-        tried = sorted(result.rates)  # every rate tried, failed or diverged included: a worse neighbour is known
+        # the rates known: finished (diverged included) or failed; a job still running or stopped is not known worse
+        tried = sorted(lr for lr, j in result.rates.items() if j.value is not None or j.status.startswith("failed"))
         if len(tried) > 1 and best.lr == tried[0]:
             result.edge = "lowest"
         elif len(tried) > 1 and best.lr == tried[-1]:
