@@ -15,7 +15,16 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from efficia.training.compare import Protocol, choose, parse_jobs, rank, seed_stats, stage_two, write_comparison
+from efficia.training.compare import (
+    Protocol,
+    best_rates,
+    choose,
+    parse_jobs,
+    rank,
+    seed_stats,
+    stage_two,
+    write_comparison,
+)
 from efficia.training.run import train
 from efficia.training.sweep import FAILED, RECORD, collect
 from efficia.training.throughput import run_flops_per_token
@@ -64,15 +73,14 @@ def test_stage_two_runs_each_groups_best_rate_with_the_other_seeds(tmp_path: Pat
     grid(tmp_path, "efficia", {"0.001": 2.2, "0.00316": 2.0, "0.01": None})  # the highest rate failed
     grid(tmp_path, "yinggem", {"0.001": 2.4, "0.00316": 2.2, "0.01": 2.1})   # still falling: the edge
     groups = [["model=gpt"], ["model=optimus"], ["model=efficia"], ["model=yinggem"]]
-    jobs = stage_two(groups, tmp_path, protocol(seeds=3), 1337)
+    jobs = stage_two(groups, best_rates(groups, tmp_path, protocol(), 1337), 1337, seeds=3)
     assert jobs == [[f"model={m}", f"optimizer.lr={lr}", f"seed={s}"]
                     for m, lr in (("gpt", "0.00316"), ("optimus", "0.001"), ("efficia", "0.00316"), ("yinggem", "0.01"))
                     for s in (1338, 1339)]
     results = results_by_model(tmp_path, protocol())
     assert {m: r.edge for m, r in results.items()} == {"gpt": None, "optimus": "lowest", "efficia": None,
                                                         "yinggem": "highest"}
-    assert stage_two([["model=gpt"]], tmp_path, protocol(seeds=2), 1337) == [
-        ["model=gpt", "optimizer.lr=0.00316", "seed=1338"]]  # only the groups this sweep compares
+    assert best_rates([["model=gpt"]], tmp_path, protocol(), 1337) == [0.00316]  # the groups this sweep compares
 
 
 def test_diverged_and_unfinished_jobs_are_never_chosen(tmp_path: Path) -> None:
@@ -83,8 +91,10 @@ def test_diverged_and_unfinished_jobs_are_never_chosen(tmp_path: Path) -> None:
     assert results["gpt"].best_lr == 0.00316
     assert results["gpt"].edge == "highest"  # an unfinished rate is not known to be worse
     assert results["optimus"].best_lr is None
-    assert stage_two([["model=gpt"], ["model=optimus"]], tmp_path, protocol(seeds=2), 1337) == [
-        ["model=gpt", "optimizer.lr=0.00316", "seed=1338"]]
+    groups = [["model=gpt"], ["model=optimus"]]
+    best = best_rates(groups, tmp_path, protocol(), 1337)
+    assert best == [0.00316, None]
+    assert stage_two(groups, best, 1337, seeds=2) == [["model=gpt", "optimizer.lr=0.00316", "seed=1338"]]
 
 
 def test_a_metric_where_higher_is_better_and_the_best_validation(tmp_path: Path) -> None:

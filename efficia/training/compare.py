@@ -145,11 +145,16 @@ def stage_one(groups: Sequence[Sequence[str]], lr: float, seed: int, protocol: P
     return [[*g, f"optimizer.lr={rate}", f"seed={seed}"] for g in groups for rate in rate_grid(lr, protocol.lr_factors)]
 
 
-def stage_two(groups: Sequence[Sequence[str]], sweep_dir: Path, protocol: Protocol, seed: int) -> list[list[str]]:
-    """Each group's best rate (from the records stage 1 left) with seeds seed+1 ... seed+seeds-1."""
+def best_rates(groups: Sequence[Sequence[str]], sweep_dir: Path, protocol: Protocol, seed: int) -> list[float | None]:
+    """Each group's best rate from the records stage 1 left (None: no rate finished with a finite metric)."""
     best = {r.group: r.best_lr for r in choose(parse_jobs(collect(sweep_dir), protocol), protocol, seed)}
+    return [best.get(tuple(sorted(g))) for g in groups]
+
+
+def stage_two(groups: Sequence[Sequence[str]], best: Sequence[float | None], seed: int, seeds: int) -> list[list[str]]:
+    """Each group's best rate with seeds seed+1 ... seed+seeds-1."""
     return [[*g, f"optimizer.lr={lr:.3g}", f"seed={seed + i}"]
-            for g in groups if (lr := best.get(tuple(sorted(g)))) is not None for i in range(1, protocol.seeds)]
+            for g, lr in zip(groups, best, strict=True) if lr is not None for i in range(1, seeds)]
 
 
 def seed_stats(values: Sequence[float]) -> Stats | None:

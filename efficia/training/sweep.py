@@ -355,6 +355,8 @@ class SweepReport(HydraCallback):
         md = write_report(config.hydra.sweep.dir)
         if md is not None:
             print(f"sweep report: {md} (+ summary.csv, summary.png)")
+        if str(config.hydra.sweeper.get("_target_", "")).endswith("ComparisonSweeper"):
+            return  # a comparison's failed or diverged rates are results, in compare.md
         rows = collect(Path(config.hydra.sweep.dir))
         failed = [r for r in rows if r["status"].startswith("failed")]
         if failed:  # the sweep ran every job; its exit status still says that some failed

@@ -33,7 +33,7 @@ class ComparisonSweeper(BasicSweeper):
         self.protocol = Protocol(metric, mode, at, tuple(float(f) for f in lr_factors), int(seeds))
 
     def sweep(self, arguments: list[str]) -> Any:
-        from efficia.training.compare import stage_one, stage_two, write_comparison
+        from efficia.training.compare import best_rates, stage_one, stage_two, write_comparison
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -52,11 +52,17 @@ class ComparisonSweeper(BasicSweeper):
         lr, seed = float(self.config.optimizer.lr), int(self.config.seed)
         first = stage_one(groups, lr, seed, self.protocol)
         returns = [self.launch(first, 0)]
-        second = stage_two(groups, sweep_dir, self.protocol, seed)
+        best = best_rates(groups, sweep_dir, self.protocol, seed)
+        second = stage_two(groups, best, seed, self.protocol.seeds)
         if second:
             returns.append(self.launch(second, len(first)))
         md = write_comparison(sweep_dir, self.protocol)
-        print(f"comparison report: {md} (+ compare.csv, compare_rates.png, compare_curves.png)", file=sys.stderr)
+        print(f"comparison report: {md} (+ compare.csv, compare_rates.png, compare_curves.png)")
+        missing = [" ".join(g) for g, lr in zip(groups, best, strict=True) if lr is None]
+        if missing:  # every rate of these failed or diverged: nothing to compare
+            print(f"error: no rate of {'; '.join(missing)} finished with a finite {self.protocol.metric}; see {md}",
+                  file=sys.stderr)
+            sys.exit(1)
         return returns
 
     def launch(self, jobs: list[list[str]], first_index: int) -> Any:
