@@ -134,7 +134,7 @@ def test_multirun_writes_the_comparison_report_and_one_wandb_run_per_job(tmp_pat
         raw = run.read_bytes()  # the offline run's records: name, group and summary are in there verbatim
         name = f"{model}:callbacks.progress_bar=null,trainer.limit_val_batches=1,trainer.max_steps=2,"
         assert name.encode() in raw  # the model, then the job's own overrides
-        assert str(tmp_path).encode() in raw  # grouped by sweep
+        assert f"{tmp_path} model={model} debug=limit".encode() in raw  # grouped by sweep and model (not seed or lr)
         for key in (b"cache_bytes@1024", b"cache_bytes@8192", b"tokens_per_s", b"best_val_loss", b"val/tokens"):
             assert key in raw, key
 
