@@ -149,9 +149,9 @@ def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
 
 def default_sampling() -> dict[str, Any]:
     """conf/train.yaml's sampling preset, for a model that comes without one."""
-    from efficia.config import CONF_DIR
+    from efficia.config import train_defaults
 
-    return dict(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "train.yaml").sampling))
+    return train_defaults()["sampling"]
 
 
 def load_any(path: str | Path, device: str = "cpu") -> LoadedModel:
