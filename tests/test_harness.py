@@ -1,7 +1,6 @@
-"""lm-evaluation-harness: the model `efficia`, found through the harness's registry, runs local task yamls over a
-local jsonl (no network); the loglikelihoods, rolling loglikelihoods and generations it reports equal a direct
-computation with the model, and the accuracy follows from them. (`python -m efficia.harness` is the harness's own CLI
-with this registration; its task index of every built-in task takes ~10 s, so the test calls simple_evaluate.)"""
+"""lm-evaluation-harness: `python -m efficia.harness` runs the model `efficia`, found through the harness's registry,
+on local task yamls over a local jsonl (no network); the loglikelihoods, rolling loglikelihoods and generations it
+reports equal a direct computation with the model, and the accuracy follows from them."""
 
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ from omegaconf import OmegaConf
 
 import efficia
 from efficia.data.tokenizers import ByteTokenizer
+from efficia.harness import main as harness_main
 from tests.conftest import build_tiny
 from tests.trained_like import randomise
 
@@ -62,11 +62,6 @@ def direct_logprob(model: efficia.LoadedModel, context: list[int], continuation:
 
 
 def test_harness_tasks_equal_a_direct_computation(make_cfg, tmp_path: Path) -> None:
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    import efficia.evaluation.harness  # noqa: F401  (registers `efficia` in the harness's model registry)
-
     model = random_byte_model(make_cfg, tmp_path / "model")
     enc = model.tokenizer.encode
     greedy = {d["question"]: model.generate(d["question"], max_new_tokens=8, temperature=0)[0][len(d["question"]):]
@@ -75,9 +70,8 @@ def test_harness_tasks_equal_a_direct_computation(make_cfg, tmp_path: Path) -> N
     cut = next(i for i in range(1, len(first)) if first[i] not in first[:i])
     stop = first[cut]  # the first document's generation stops at its first new character after the first
     write_tasks(tmp_path, stop)
-    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)  # the local yamls only: no index of
-    out = simple_evaluate(model="efficia", model_args=f"ckpt={tmp_path / 'model'},batch_size=2",  # the built-ins
-                          tasks=list(TASKS), task_manager=tasks, log_samples=True)
+    out = harness_main([f"ckpt={tmp_path / 'model'}", f"tasks={','.join(TASKS)}", f"include_path={tmp_path}",
+                        "builtin_tasks=false", "batch_size=2", f"output={tmp_path / 'results.json'}"])
     samples = out["samples"]
     assert all(len(samples[name]) == len(DOCS) for name in TASKS)
     correct = 0
@@ -97,3 +91,11 @@ def test_harness_tasks_equal_a_direct_computation(make_cfg, tmp_path: Path) -> N
     results = out["results"]
     assert results["efficia_choice"]["acc,none"] == pytest.approx(correct / len(DOCS))
     assert math.isfinite(results["efficia_rolling"]["bits_per_byte,none"])
+    assert json.loads((tmp_path / "results.json").read_text())["results"]["efficia_choice"]["acc,none"] == \
+        results["efficia_choice"]["acc,none"]
+
+
+def test_unknown_task_is_one_line(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        harness_main([f"ckpt={tmp_path}", "tasks=nope", f"include_path={tmp_path}", "builtin_tasks=false"])
+    assert "unknown task(s) nope" in capsys.readouterr().err
