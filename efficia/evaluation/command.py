@@ -18,14 +18,17 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import OmegaConf, open_dict
 
 from efficia.cli import command_options, run_cli
 from efficia.errors import ConfigError
-from efficia.inference.loading import LoadedModel
+
+if TYPE_CHECKING:  # torch and the models load only once there is something to evaluate (--help stays quick)
+    import torch
+
+    from efficia.inference.loading import LoadedModel
 
 OPTIONS = {"ckpt": None, "data": None, "window": None, "stride": None, "batch_size": 8, "device": "cpu"}
 METRICS = ("loss", "ppl", "bpb", "recall_acc")
@@ -33,6 +36,8 @@ METRICS = ("loss", "ppl", "bpb", "recall_acc")
 
 def text_file_metrics(model: LoadedModel, path: Path, window: int | None, stride: int | None,
                       batch_size: int) -> dict[str, Any]:
+    import torch
+
     from efficia.evaluation.sliding import token_nats
 
     try:
