@@ -103,12 +103,17 @@ def held_out_metrics(model: LoadedModel, data: str | None, where: str, device: t
     module.net.load_state_dict(model.net.state_dict())
     trainer_cfg = run.get("trainer") or {}
     quiet_lightning()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" lines around the JSON
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        precision=trainer_cfg.get("precision", "32-true") if data is None else "32-true",
-                        limit_val_batches=trainer_cfg.get("limit_val_batches", 1.0) if data is None else 1.0)
-    (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)[:1]
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # no "GPU available" lines around the JSON; the caller's level after
+    try:
+        trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            precision=trainer_cfg.get("precision", "32-true") if data is None else "32-true",
+                            limit_val_batches=trainer_cfg.get("limit_val_batches", 1.0) if data is None else 1.0)
+        (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)[:1]
+    finally:
+        lightning_log.setLevel(level)
     return {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.removeprefix("val/") in METRICS}
 
 
