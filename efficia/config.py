@@ -64,6 +64,12 @@ OmegaConf.register_new_resolver("efficia.run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("efficia.sweep_group", sweep_group, replace=True)
 
 
+def train_defaults() -> dict:
+    """conf/train.yaml's own top-level keys (loss, scheduler, sampling, ...), for code that rebuilds part of a run
+    from a model alone (an export folder, a transformers folder)."""
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "train.yaml"))
+
+
 def compose_run(overrides: list[str], output_dir: str | Path, config_name: str = "train") -> DictConfig:
     """The config `python train.py <overrides>` would get, with its output dir set to output_dir."""
     GlobalHydra.instance().clear()

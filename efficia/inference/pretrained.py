@@ -33,6 +33,7 @@ from efficia.errors import CheckpointError, ConfigError, EfficiaError
 from efficia.inference.hf import FORMAT as HF_FORMAT
 from efficia.inference.hf import META as HF_META
 from efficia.inference.hf import load_hf, write_hf
+from efficia.inference.hf.foreign import load_transformers_folder, transformers_config
 from efficia.inference.loading import LoadedModel, load
 
 FORMAT, VERSION = "efficia-pretrained", 1
@@ -113,6 +114,9 @@ def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
         raise CheckpointError(f"{folder} is not a folder; pass the folder `python -m efficia.export` wrote")
     if (folder / HF_META).is_file():  # a transformers export (format=hf)
         return load_hf(folder, device)
+    foreign = transformers_config(folder)
+    if foreign is not None:  # a transformers folder efficia did not write (GPT-2)
+        return load_transformers_folder(folder, foreign, default_sampling(), device)
     config = _read_json(folder, CONFIG)
     if config.get("format") != FORMAT or not all(isinstance(config.get(k), dict) for k in ("model", "sampling")):
         raise CheckpointError(f"{folder / CONFIG} is not an efficia export config (no format/model/sampling); "
@@ -143,8 +147,15 @@ def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
         raise CheckpointError(f"{folder / CONFIG}: the sampling preset lacks {err}; {HOW_TO_FIX}") from None
 
 
+def default_sampling() -> dict[str, Any]:
+    """conf/train.yaml's sampling preset, for a model that comes without one."""
+    from efficia.config import train_defaults
+
+    return train_defaults()["sampling"]
+
+
 def load_any(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """A checkpoint file (`efficia.load`) or an exported folder (`from_pretrained`)."""
+    """A checkpoint file (`efficia.load`), an exported folder or a GPT-2 transformers folder (`from_pretrained`)."""
     return from_pretrained(path, device) if Path(path).expanduser().is_dir() else load(path, device)
 
 

@@ -115,16 +115,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
-    """GPT-2 feed-forward: proj(gelu(fc(x)))."""
+    """GPT-2 feed-forward: proj(gelu(fc(x))). `approximate="tanh"` is the GELU OpenAI's GPT-2 was trained with
+    (transformers' gelu_new)."""
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = False) -> None:
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = False,
+                 approximate: str = "none") -> None:
         super().__init__()
+        self.approximate = approximate
         self.fc = nn.Linear(dim, hidden, bias=bias)
         self.proj = mark_residual(nn.Linear(hidden, dim, bias=bias))
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class GatedFeedForward(nn.Module):

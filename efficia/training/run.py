@@ -35,6 +35,7 @@ from efficia.training.checkpointing import (
     find_checkpoint_callback,
     weights_finite,
 )
+from efficia.training.init_from import check_tokenizer, init_source, start_from
 from efficia.training.module import TrainingModule
 from efficia.training.resume import check_resumable, checkpoint_dir, claim_run_dir, resolve_ckpt_path, resume_command
 
@@ -105,6 +106,7 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit one run. Returns the final metrics and where its artifacts are."""
+    cfg, source = init_source(cfg)  # init_from=: the model config (and later the weights) of a trained model
     with config_errors("config"):
         plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     quiet_lightning()
@@ -128,9 +130,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           f"than model.max_seq_len={context}; raise model.max_seq_len or shorten the data")
     if ckpt_path:
         check_resumable(ckpt_path, plain_cfg, datamodule.tokenizer.state())
+    if source is not None:
+        check_tokenizer(source, datamodule.tokenizer, cfg.init_from)
     # no config_errors here: the registry and the constructors refuse bad model settings in one line (ConfigError);
     # anything else a constructor raises is a bug and keeps its traceback
     module = TrainingModule(plain_cfg, datamodule.tokenizer.state())
+    if source is not None:
+        start_from(module.net, source, cfg.get("train_only"))
+        rank_zero_only(print)(f"starting from init_from={cfg.init_from} at step 0 (new optimizer and schedule)")
     with config_errors("optimizer"):  # built for real inside fit; refuse bad values before any work
         instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
     n_params = module.net.num_params()

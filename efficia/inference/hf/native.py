@@ -164,12 +164,18 @@ def gelu_mlp(net: nn.Module) -> nn.Module:
     return ffn
 
 
+def gelu_name(net: nn.Module, tanh: str) -> str:
+    """transformers' name for the MLP's GELU: "gelu" (exact) or `tanh`, the class's name for the approximation."""
+    return tanh if gelu_mlp(net).approximate == "tanh" else "gelu"
+
+
 def starcoder2(net: nn.Module) -> dict[str, Any]:
     m = net.blocks[0].mixer
     heads = attention_heads(m)
     need(m.rope_theta is not None and net.pos_emb is None, "it uses learned positions, not RoPE")
     return {**common(net), **heads, "model_type": "starcoder2", "intermediate_size": gelu_mlp(net).fc.out_features,
-            "hidden_act": "gelu", "norm_epsilon": uniform_norm(net, "LayerNorm"), "use_bias": m.qkv.bias is not None,
+            "hidden_act": gelu_name(net, "gelu_pytorch_tanh"), "norm_epsilon": uniform_norm(net, "LayerNorm"),
+            "use_bias": m.qkv.bias is not None,
             "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}, "sliding_window": None,
             "attention_dropout": m.dropout, "residual_dropout": m.dropout, "embedding_dropout": net.drop.p}
 
@@ -183,7 +189,7 @@ def gpt2(net: nn.Module) -> dict[str, Any]:
     c = common(net)
     return {"model_type": "gpt2", "vocab_size": c["vocab_size"], "n_positions": net.max_seq_len, "n_embd": net.d_model,
             "n_layer": net.n_layer, "n_head": m.n_head, "n_inner": gelu_mlp(net).fc.out_features,
-            "activation_function": "gelu", "layer_norm_epsilon": uniform_norm(net, "LayerNorm"),
+            "activation_function": gelu_name(net, "gelu_new"), "layer_norm_epsilon": uniform_norm(net, "LayerNorm"),
             "resid_pdrop": m.dropout, "embd_pdrop": net.drop.p, "attn_pdrop": m.dropout,
             "tie_word_embeddings": True, "dtype": "float32"}
 
