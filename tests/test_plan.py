@@ -22,7 +22,7 @@ from tests.conftest import CONF, ROOT
 # by more than 15% somewhere: (overrides, micro-batch, micro-batches per step).
 SIZES = {
     # model states: AdamW's two moments, fp32 weights and the gradients the first micro-batch leaves alive
-    "states": (["model=gpt", "scale=small", "tokenizer=byte", "model.d_model=256", "model.max_seq_len=16",
+    "states": (["model=gpt", "scale=small", "tokenizer=byte", "model.d_model=256", "model.max_seq_len=128",
                 "data.batch_size=2"], 1, 2),
     # activations: sliding-window attention (chunked path) under bf16 autocast, Adafactor
     "activations": (["model=yinggem", "scale=tiny", "tokenizer=byte", "optimizer=adafactor",
