@@ -117,6 +117,8 @@ NAMED = {  # override -> the start of the line it must give
     "sampling.top_p=1.5": "sampling.top_p=1.5: give a number in [0, 1]",
     "callbacks.checkpoint.monitor=nope": "callbacks.checkpoint.monitor='nope' is not a metric this run logs",
     "nonfinite_loss=maybe": "nonfinite_loss='maybe': use one of stop, skip",
+    "data=mqar tokenizer=char": "data=mqar generates token ids: use tokenizer=ids (got tokenizer.kind='char')",
+    "trainer=rtx3060 callbacks.gpu_budget.headroom=1.5": "callbacks.gpu_budget.headroom=1.5: give the share of the",
 }
 
 
@@ -124,7 +126,7 @@ NAMED = {  # override -> the start of the line it must give
 def test_named_bad_train_inputs_are_one_line(make_cfg, override: str) -> None:
     require_data()
     with pytest.raises(EfficiaError) as info:
-        train(make_cfg(*FAST, override))
+        train(make_cfg(*FAST, *override.split()))
     assert str(info.value).startswith(NAMED[override]) and "\n" not in str(info.value)
 
 
