@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from efficia.build import build_model
 from efficia.plan.__main__ import main
 from efficia.plan.choose import GIB, step_memory, tokenizer_state
 from efficia.plan.command import compose, plan_command
 from efficia.plan.measure import PARTS, Memory, measure_step, measure_step_on_cpu
 from efficia.plan.table import TABLE_END, TABLE_START, seed_recipes, write_table
-from efficia.build import build_model
 from tests.conftest import CONF, ROOT
 
 # Three sizes, each leaning on different parts, so that leaving any part out of the sum misses the measured peak

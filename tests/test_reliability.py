@@ -125,14 +125,14 @@ def test_stop_by_signal_or_finish_then_resume_equals_straight_run(make_cfg) -> N
 
 
 def logged(run_dir: str | Path) -> dict[tuple[str, int], str]:
-    """(metric, step) -> value as the CSV logger wrote it, for every train/ and val/ metric."""
+    """(metric, step) -> value as the CSV logger wrote it, for every train/ and val/ metric and the learning rate."""
     with open(Path(run_dir) / "csv" / "metrics.csv") as f:
         return {(k, int(r["step"])): v for r in csv.DictReader(f) for k, v in r.items()
-                if v and k.startswith(("train/", "val/"))}
+                if v and k.startswith(("train/", "val/", "lr-"))}
 
 
 def test_resumed_curves_line_up_step_for_step_with_a_straight_run(make_cfg) -> None:
-    """Every metric a resumed run logs sits at the step where the uninterrupted run logged the same value:
+    """Every metric a resumed run logs (the learning rate too) sits at the step where the uninterrupted run logged it:
     resumed from a signal's save (mid-run) and from the end of a finished run. No dropout, so the
     values themselves are comparable; a curve shifted by one step fails."""
     require_data()

@@ -141,8 +141,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = build_callbacks(cfg.get("callbacks"))
     stop = GracefulStop(resume_command(output_dir))
     with config_errors("trainer"):
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, FinalValidation(), stop, RNGState(),
-                                                                    LoggerStep()],
+        # LoggerStep first: every other callback that logs at a batch's start (the LR monitor) sees its step
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[LoggerStep(), *callbacks, FinalValidation(), stop,
+                                                                    RNGState()],
                                          logger=loggers or False, plugins=[AtomicCheckpointIO()])
     try:
         with stop:
