@@ -161,6 +161,25 @@ def test_export_cli_and_sample_from_the_folder(make_cfg, tmp_path: Path, capsys)
     with pytest.raises(SystemExit):
         export_main([f"ckpt={ckpt}"])
     assert "missing out=; usage: python -m efficia.export" in capsys.readouterr().err
+    # a folder nobody can write in (even root: /proc), in either format: one line, nothing written
+    for out in ("/proc/efficia-export", "/proc/efficia-export/model"):
+        for fmt in ("efficia", "hf"):
+            with pytest.raises(SystemExit) as info:
+                export_main([f"ckpt={ckpt}", f"out={out}", f"format={fmt}"])
+            (line,) = capsys.readouterr().err.splitlines()
+            assert info.value.code == 2 and line.startswith("error: cannot write in /proc"), line
+            assert line.endswith("choose an out= in a folder you can write")
+
+
+def test_an_export_to_a_mount_point_is_refused_before_writing(make_cfg) -> None:
+    """A mount point cannot be replaced by a rename: refused before anything is written beside it."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and shm.is_mount() and not any(shm.iterdir())):
+        pytest.skip("no empty mount point (/dev/shm) on this machine")
+    before = set(shm.parent.iterdir())
+    with pytest.raises(CheckpointError, match=r"out=/dev/shm is a mount point: .* \(out=/dev/shm/<name>\)"):
+        efficia.save_pretrained(tiny_loaded("gpt", make_cfg), shm)
+    assert set(shm.parent.iterdir()) == before and not any(shm.iterdir())
 
 
 def test_a_failed_export_leaves_nothing_behind(make_cfg, tmp_path: Path, monkeypatch) -> None:
@@ -168,6 +187,6 @@ def test_a_failed_export_leaves_nothing_behind(make_cfg, tmp_path: Path, monkeyp
         raise OSError("No space left on device")
 
     monkeypatch.setattr(pretrained, "save_model", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=r"cannot write the export to .*export \(No space left on device\)"):
         efficia.save_pretrained(tiny_loaded("gpt", make_cfg), tmp_path / "export")
     assert list(tmp_path.iterdir()) == []

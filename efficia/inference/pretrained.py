@@ -17,6 +17,7 @@ and `sample.py ckpt=<out_dir>` samples from it. JSON and safetensors run no code
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,24 +65,43 @@ def save_pretrained(source: str | Path | LoadedModel, out_dir: str | Path, overw
         if not is_export(out):
             raise CheckpointError(f"{out} exists and is not an efficia export; refusing to replace it. "
                                   "Choose another out=")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    if out.is_dir() and os.path.ismount(out):
+        raise CheckpointError(f"out={out} is a mount point: an export is written beside its folder and moved into "
+                              f"place, which a mount point cannot be; give a folder inside it (out={out}/<name>)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as err:
+        raise CheckpointError(f"cannot write in {out.parent} ({err.strerror}); an export is written beside its "
+                              "folder first: choose an out= in a folder you can write") from None
     try:
         if format == "hf":
             write_hf(model, run, tmp, remote_code)
         else:
             _write_efficia(model, run, tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        replace(tmp, out)
+    except OSError as err:
+        raise CheckpointError(f"cannot write the export to {out} ({err.strerror or err}); nothing there was changed: "
+                              "choose an out= in a folder you can write") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def replace(tmp: Path, out: Path) -> None:
+    """Move the written folder into place; an earlier export there is put back if the move fails."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
 
 
 def is_export(folder: Path) -> bool:
