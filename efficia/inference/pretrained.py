@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from efficia.build import build_model
+from efficia.build import build_model, weights_dtype
+from efficia.checks import joined_lines
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import CheckpointError, ConfigError, EfficiaError
 from efficia.inference.hf import FORMAT as HF_FORMAT
@@ -40,6 +41,7 @@ FORMAT, VERSION = "efficia-pretrained", 1
 CONFIG, TOKENIZER, WEIGHTS = "config.json", "tokenizer.json", "model.safetensors"
 HOW_TO_FIX = "export it again with `python -m efficia.export ckpt=<run>.ckpt out=<dir>`"
 FORMATS = ("efficia", "hf")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def save_pretrained(source: str | Path | LoadedModel, out_dir: str | Path, overwrite: bool = False,
@@ -143,6 +145,8 @@ def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
     try:
         with safe_open(str(weights), "pt") as file:  # the header only: shapes of tensors a model takes as inputs
             shapes = {name: file.get_slice(name).get_shape() for name in file.keys()}  # noqa: SIM118
+            dtype = weights_dtype(SAFETENSORS_DTYPES.get(file.get_slice(name).get_dtype(), torch.float32)
+                                  for name in file.keys())  # noqa: SIM118
     except (SafetensorError, OSError) as err:
         raise _not_loadable(weights, config, err) from None
     try:
@@ -158,7 +162,7 @@ def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = {"model": config["model"], "tokenizer": config.get("tokenizer", {}), "sampling": config["sampling"]}
     try:
-        return LoadedModel(net.to(device).eval(), tokenizer, cfg)
+        return LoadedModel(net.to(device, dtype).eval(), tokenizer, cfg)
     except KeyError as err:
         raise CheckpointError(f"{folder / CONFIG}: the sampling preset lacks {err}; {HOW_TO_FIX}") from None
 
@@ -169,7 +173,7 @@ def load_any(path: str | Path, device: str = "cpu") -> LoadedModel:
 
 
 def _not_loadable(weights: Path, config: dict[str, Any], err: Exception) -> CheckpointError:
-    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    reason = joined_lines(err)
     return CheckpointError(f"{weights} is corrupt or does not fit model={config['model'].get('name')} "
                            f"as configured in {CONFIG} ({reason}); {HOW_TO_FIX}")
 
