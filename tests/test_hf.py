@@ -254,22 +254,55 @@ def test_a_wrong_permutation_is_caught_before_anything_is_written(monkeypatch, t
     assert list(tmp_path.iterdir()) == []
 
 
+def copy_folder(source: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for f in source.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
 @EXPORTED
 def test_a_folder_missing_a_tensor_fails_in_one_line(exported, tmp_path: Path) -> None:
+    """The folder is what is wrong (a tensor gone, or an efficia.json that describes other weights): the line says
+    so and says to export again; it does not blame efficia's mapping table."""
     from safetensors.torch import load_file, save_file
 
     for case in ("optimus", "yinggem"):
-        folder = tmp_path / case
-        folder.mkdir()
-        for f in exported[case]["folder"].iterdir():
-            (folder / f.name).write_bytes(f.read_bytes())
+        folder = copy_folder(exported[case]["folder"], tmp_path / case)
         tensors = load_file(str(folder / "model.safetensors"))
         dropped = sorted(tensors)[3]
         del tensors[dropped]
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         with pytest.raises(CheckpointError) as err:
             efficia.from_pretrained(folder)
-        assert "\n" not in str(err.value) and "tensor" in str(err.value), str(err.value)
+        message = str(err.value)
+        assert "\n" not in message and "tensor" in message and message.endswith("export the model again"), message
+        assert "mapping table" not in message, message
+    folder = copy_folder(exported["optimus"]["folder"], tmp_path / "fewer-layers")
+    meta = json.loads((folder / "efficia.json").read_text())
+    meta["model"]["n_layer"] -= 1
+    (folder / "efficia.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"import from DeepseekV2ForCausalLM: the folder's tensor "
+                                              r"model\.layers\.1\..* has no place in the model its efficia\.json "
+                                              r"describes \(1 layers\) .*; export the model again$"):
+        efficia.from_pretrained(folder)
+
+
+@EXPORTED
+def test_a_nonzero_tensor_efficia_has_no_place_for_is_refused(exported, tmp_path: Path) -> None:
+    """A transformers folder with a tensor our model lacks (gpt has bias-free norms, Starcoder2 has norm biases):
+    zero, it imports (what efficia writes); nonzero, dropping it would change the model, so one line refuses."""
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_folder(exported["gpt"]["folder"], tmp_path / "gpt")
+    tensors = load_file(str(folder / "model.safetensors"))
+    assert not tensors["model.norm.bias"].any()
+    efficia.from_pretrained(folder)
+    tensors["model.norm.bias"] = torch.full_like(tensors["model.norm.bias"], 0.1)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"import from Starcoder2ForCausalLM: model\.norm\.bias is not zero, "
+                                              r"and efficia's model has no such tensor"):
+        efficia.from_pretrained(folder)
 
 
 def test_an_export_made_before_efficias_split_loads(tmp_path: Path) -> None:

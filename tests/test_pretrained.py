@@ -58,6 +58,23 @@ def test_save_load_generate_gives_identical_logits(name: str, make_cfg, tmp_path
             original.generate("abc", seed=0, max_new_tokens=40, **options)
 
 
+def test_a_bf16_model_is_exported_and_read_back_in_bf16(make_cfg, tmp_path: Path) -> None:
+    """A bf16-true run's weights stay bf16 in the folder and in the model read back (and from its checkpoint)."""
+    model = tiny_loaded("gpt", make_cfg)
+    model.net.to(torch.bfloat16)
+    out = efficia.save_pretrained(model, tmp_path / "export")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
+    loaded = efficia.from_pretrained(out)
+    idx = torch.randint(TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert loaded.net.param_dtype == torch.bfloat16 and torch.equal(loaded.net(idx), model.net(idx))
+    ckpt = tmp_path / "bf16.ckpt"
+    torch.save({"hyper_parameters": {"cfg": model.cfg, "tokenizer_state": model.tokenizer.state()},
+                "state_dict": {f"net.{k}": v for k, v in model.net.state_dict().items()}}, ckpt)
+    assert efficia.load(ckpt).net.param_dtype == torch.bfloat16
+
+
 def test_tied_weights_are_stored_once_and_stay_tied(make_cfg, tmp_path: Path) -> None:
     original = tiny_loaded("gpt", make_cfg)
     assert original.net.lm_head.weight is original.net.tok_emb.weight
