@@ -106,6 +106,18 @@ class GPUMemoryBudget(Callback):
         return found
 
 
+def say_where_ddp_runs(trainer: L.Trainer) -> None:
+    """trainer=ddp asks for every GPU; without CUDA, Lightning runs one CPU process and says only "GPU available:
+    False". One line says what runs instead, as the GPU presets do."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(trainer.strategy, DDPStrategy) and isinstance(trainer.accelerator, CPUAccelerator) \
+            and trainer.world_size == 1:
+        rank_zero_info("trainer=ddp: no CUDA device, so this is one process on the CPU (DDP with a world of 1); "
+                       "trainer=ddp_cpu runs two CPU processes, trainer=cpu one without DDP")
+
+
 def search_micro_batch(batch_size: int, fits: Callable[[int], bool]) -> int | None:
     """The largest of batch_size, batch_size/2, ... 1 for which `fits` holds (None if none does).
     Memory grows with the micro-batch, so the first that fits, from the top, is the largest."""

@@ -34,6 +34,7 @@ from efficia.training.checkpointing import (
     find_checkpoint_callback,
     weights_finite,
 )
+from efficia.training.hardware import say_where_ddp_runs
 from efficia.training.module import TrainingModule
 from efficia.training.resume import check_resumable, checkpoint_dir, claim_run_dir, resolve_ckpt_path, resume_command
 
@@ -145,6 +146,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[LoggerStep(), *callbacks, FinalValidation(), stop,
                                                                     RNGState()],
                                          logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    say_where_ddp_runs(trainer)
     try:
         with stop:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
