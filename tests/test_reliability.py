@@ -194,6 +194,21 @@ def test_last_is_written_every_n_steps_and_ckpt_path_last_resumes_it(make_cfg) -
         train(fresh)
 
 
+def test_an_early_stopped_run_leaves_last_ckpt_at_its_last_step(make_cfg) -> None:
+    """Lightning writes last.ckpt at a validation only with a new best. Here the last validation is no best
+    (mode=max on a falling loss, so early stopping ends the run at step 4, best at step 2): last.ckpt must still
+    hold step 4 and its weights, for ckpt_path=last, efficia.load and exports."""
+    require_data()
+    cfg = make_cfg(*BASE, "trainer.max_steps=20", "trainer.val_check_interval=2", "callbacks.checkpoint.mode=max",
+                   "callbacks.early_stopping.mode=max", "callbacks.early_stopping.patience=1")
+    result = train(cfg)
+    assert result["global_step"] == 4  # stopped early, after one validation without a new best
+    assert torch.load(result["best_ckpt"], weights_only=True)["global_step"] == 2
+    last = torch.load(result["last_ckpt"], weights_only=True)
+    assert last["global_step"] == 4
+    assert not torch.equal(last["state_dict"]["net.tok_emb.weight"], weights(result["best_ckpt"])["net.tok_emb.weight"])
+
+
 # -- signals from outside, to the real command -------------------------------------------------------
 
 def start_train(tmp_path: Path, *overrides: str) -> subprocess.Popen:
