@@ -4,6 +4,8 @@
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from efficia.cli import run_cli
@@ -18,9 +20,11 @@ def main(cfg: DictConfig) -> float | None:
         return None
     from efficia.training.run import train  # here, so --help and a refused override do not load Lightning
 
-    result = run_cli(train, cfg)
-    value = result["metrics"].get(cfg.optimized_metric)
-    return value
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # a failed job is recorded and the sweep goes on
+        from efficia.training.multirun import run_job
+
+        return run_job(train, cfg)
+    return run_cli(train, cfg)["metrics"].get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":

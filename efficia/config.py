@@ -44,10 +44,13 @@ def run_name(model: str) -> str:
 
 
 def sweep_group() -> str | None:
-    """`${efficia.sweep_group:}`: the sweep directory for every job of a multirun (the W&B group), else null."""
+    """`${efficia.sweep_group:}`: the W&B group of a multirun's job: the sweep directory and the job's overrides
+    but its seed and learning rate (so a comparison's runs of one model are one group); null for a single run."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    return str(HydraConfig.get().sweep.dir)
+    hydra = HydraConfig.get()
+    group = [o for o in hydra.overrides.task if o.split("=", 1)[0] not in ("seed", "optimizer.lr")]
+    return " ".join([str(hydra.sweep.dir), *group])[:128]  # W&B's limit
 
 
 def when(value: object, expected: object, then: object) -> object:

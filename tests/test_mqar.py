@@ -88,13 +88,13 @@ def test_train_and_test_examples_are_disjoint() -> None:
 def test_impossible_settings_are_refused_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"8 key/value pairs need seq_len >= 32"):
         MQARDataModule(tokenizer={"kind": "ids"}, seq_len=16, num_kv_pairs=8, vocab_size=512, num_train=None,
-                       num_test=10, test=None, batch_size=4, val_batch_size=4, seed=0)
+                       num_test=10, test=None, batch_size=4, val_batch_size=4, seed=0, offsets="uniform")
     with pytest.raises(DataError, match=r"data.test \[64, 40\]"):
         MQARDataModule(tokenizer={"kind": "ids"}, seq_len=32, num_kv_pairs=4, vocab_size=512, num_train=None,
-                       num_test=10, test=[[32, 4], [64, 40]], batch_size=4, val_batch_size=4, seed=0)
+                       num_test=10, test=[[32, 4], [64, 40]], batch_size=4, val_batch_size=4, seed=0, offsets="uniform")
     with pytest.raises(DataError, match="too few for 8 distinct keys"):
         MQARDataModule(tokenizer={"kind": "ids"}, seq_len=64, num_kv_pairs=8, vocab_size=30, num_train=None,
-                       num_test=10, test=None, batch_size=4, val_batch_size=4, seed=0)
+                       num_test=10, test=None, batch_size=4, val_batch_size=4, seed=0, offsets="uniform")
 
 
 def test_ids_tokenizer_round_trips_and_refuses_text() -> None:
@@ -274,3 +274,33 @@ def test_a_single_test_setting_logs_the_overall_accuracy_only(make_cfg) -> None:
     result = train(make_cfg(*TINY, "data.test=null", "debug=fast_dev_run"))
     assert 0 <= result["metrics"]["val/recall_acc"] <= 1
     assert not [k for k in result["metrics"] if k.startswith("val/recall_acc/")]
+
+
+def query_slots_of(y: Tensor, pairs: int) -> Tensor:
+    """The query slot (0 = right after the pairs) of every answer position."""
+    return ((y != IGNORE).nonzero()[:, 1] - 2 * pairs) // 2
+
+
+def test_power_law_offsets_follow_zoologys_generator_through_the_config() -> None:
+    """data.offsets=power_law: query slots drawn as Zoology's multiquery_ar draws them (numpy's weighted choice
+    without repeats, slot g with weight (g + 1)^(a - 1), a = 0.01), checked against that draw itself."""
+    import numpy as np
+
+    T, P, n = 128, 8, 2000
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=["experiment=recall", f"data.seq_len={T}", f"data.num_kv_pairs={P}",
+                                          f"data.num_test={n}", "data.offsets=power_law", "data.test=null"])
+    data = instantiate(cfg.data, tokenizer=OmegaConf.to_container(cfg.tokenizer, resolve=True))
+    data.prepare()
+    x, y = data.test_sets[0]
+    answers_from_pairs(x[:200], y[:200], P)
+    ours = query_slots_of(y, P).numpy()
+    space = (T - 2 * P) // 2
+    p = np.arange(1, space + 1) ** (0.01 - 1)
+    rng = np.random.default_rng(0)
+    zoology = np.concatenate([rng.choice(space, size=P, replace=False, p=p / p.sum()) for _ in range(n)])
+    for k in (1, 4, 16, 32):  # the share of queries within k slots of the pairs
+        assert abs((ours < k).mean() - (zoology < k).mean()) < 0.02, k
+    uniform = query_slots_of(make_split(0, n, T, P, 8192, test=True)[1], P).numpy()
+    assert (uniform < 4).mean() < 0.1 < 0.2 < (ours < 4).mean()  # the default differs: every distance alike

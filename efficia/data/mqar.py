@@ -5,11 +5,13 @@ One example of seq_len tokens, P key/value pairs, vocabulary V (keys from [1, V/
     k1 v1 k2 v2 ... kP vP | f f k2 f f f k1 f ... f kP f f      x (inputs; f = a random filler token)
     -  -  -  -  ... -  -  | - - v2 - - - v1 - ... - vP - -      y (targets; - = -100, ignored)
 
-Every key is asked once, in a random order, at a random even offset of the query region; the target of
-that position is the key's value, so each answer is determined by the pairs before it. Every other target
-is IGNORE (-100), and loss and accuracy count answer positions only. Unlike Zoology's generator (query
-offsets from a power law that favours short gaps), offsets are uniform: the key-query distance spans the
-whole sequence, which is what a window, a memory or a compressed block has to bridge.
+Every key is asked once, in a random order, at an even offset of the query region; the target of that
+position is the key's value, so each answer is determined by the pairs before it. Every other target is
+IGNORE (-100), and loss and accuracy count answer positions only. `offsets`: `uniform` (the default) draws the
+query slots uniformly, so the key-query distance spans the whole sequence, which is what a window, a memory or
+a compressed block has to bridge; `power_law` draws them as Zoology's generator does (slot g with probability
+proportional to (g + 1)^(a - 1), a = 0.01, without repeats), which favours queries right after the pairs, so
+numbers can be set beside Zoology's.
 
 Train and test examples are disjoint by construction: an example belongs to the test split iff a hash of
 its key/value pairs falls in bucket 0 of TEST_BUCKETS; training examples are drawn from the other buckets.
@@ -34,6 +36,8 @@ from efficia.errors import DataError
 TEST_BUCKETS = 16     # one hash bucket of 16 is the test split
 HASH_MOD = 1_000_003  # a prime; the pair hash is a weighted sum of the pair tokens modulo this
 TEST_STREAM = 1 << 20  # test blocks are drawn from another part of the (seed, block) space than training ones
+OFFSETS = ("uniform", "power_law")
+ZOOLOGY_POWER_A = 0.01  # Zoology's train_power_a and test_power_a
 
 
 def check_setting(seq_len: int, num_kv_pairs: int, vocab_size: int, what: str = "data") -> None:
@@ -79,21 +83,30 @@ def pairs(g: torch.Generator, n: int, num_kv_pairs: int, vocab_size: int) -> Ten
     return kv
 
 
-def examples(g: torch.Generator, kv: Tensor, seq_len: int, vocab_size: int) -> tuple[Tensor, Tensor]:
-    """The pairs, then random fillers with every key asked once at a random even offset: (x, y), [n, seq_len]."""
+def query_slots(g: torch.Generator, n: int, slots: int, k: int, offsets: str) -> Tensor:
+    """[n, k] distinct query slots from [0, slots): uniform, or Zoology's power law in the slot index."""
+    if offsets == "uniform":
+        return distinct(g, n, 0, slots, k)
+    weights = torch.arange(1, slots + 1, dtype=torch.float64) ** (ZOOLOGY_POWER_A - 1)
+    return torch.multinomial(weights.expand(n, slots), k, replacement=False, generator=g)
+
+
+def examples(g: torch.Generator, kv: Tensor, seq_len: int, vocab_size: int,
+             offsets: str = "uniform") -> tuple[Tensor, Tensor]:
+    """The pairs, then random fillers with every key asked once at an even offset: (x, y), [n, seq_len]."""
     n, P = kv.shape[0], kv.shape[1] // 2
     keys, values = kv[:, 0::2], kv[:, 1::2]                                         # [n, P]
     x = torch.randint(vocab_size, (n, seq_len), generator=g)                        # fillers everywhere first
     y = torch.full((n, seq_len), IGNORE, dtype=torch.long)
     x[:, :2 * P] = kv
-    where = distinct(g, n, 0, (seq_len - 2 * P) // 2, P) * 2 + 2 * P               # [n, P] query positions
+    where = query_slots(g, n, (seq_len - 2 * P) // 2, P, offsets) * 2 + 2 * P      # [n, P] query positions
     x.scatter_(1, where, keys)                                                      # key i is asked at where[:, i]
     y.scatter_(1, where, values)                                                    # ... and its value is the target
     return x, y
 
 
 def split_batch(seed: int, block: int, n: int, seq_len: int, num_kv_pairs: int, vocab_size: int,
-                test: bool) -> tuple[Tensor, Tensor]:
+                test: bool, offsets: str = "uniform") -> tuple[Tensor, Tensor]:
     """Block `block` of a split: n examples from the generator seeded (seed, block), only from that split's buckets."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + block)
     kept, have = [], 0
@@ -102,14 +115,14 @@ def split_batch(seed: int, block: int, n: int, seq_len: int, num_kv_pairs: int, 
         kv = kv[(pair_hash(kv) == 0) == test]
         kept.append(kv)
         have += len(kv)
-    return examples(g, torch.cat(kept)[:n], seq_len, vocab_size)
+    return examples(g, torch.cat(kept)[:n], seq_len, vocab_size, offsets)
 
 
 def make_split(seed: int, n: int, seq_len: int, num_kv_pairs: int, vocab_size: int, test: bool,
-               block_size: int = 1024) -> tuple[Tensor, Tensor]:
+               offsets: str = "uniform", block_size: int = 1024) -> tuple[Tensor, Tensor]:
     """A fixed set of n examples, made of whole blocks of block_size: a larger n only adds examples."""
     base = TEST_STREAM if test else 0
-    parts = [split_batch(seed, base + b, block_size, seq_len, num_kv_pairs, vocab_size, test)
+    parts = [split_batch(seed, base + b, block_size, seq_len, num_kv_pairs, vocab_size, test, offsets)
              for b in range(math.ceil(n / block_size))]
     return torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n]
 
@@ -119,14 +132,16 @@ class FreshBatches(IterableDataset):
     Endless; `start` is the number of batches this rank already trained (resume)."""
 
     def __init__(self, seed: int, batch_size: int, seq_len: int, num_kv_pairs: int, vocab_size: int,
-                 rank: int, world_size: int, start: int) -> None:
+                 rank: int, world_size: int, start: int, offsets: str = "uniform") -> None:
         self.args = (seq_len, num_kv_pairs, vocab_size)
+        self.offsets = offsets
         self.seed, self.batch_size, self.rank, self.world_size, self.start = seed, batch_size, rank, world_size, start
 
     def __iter__(self):
         i = self.start
         while True:
-            yield split_batch(self.seed, i * self.world_size + self.rank, self.batch_size, *self.args, test=False)
+            yield split_batch(self.seed, i * self.world_size + self.rank, self.batch_size, *self.args, test=False,
+                              offsets=self.offsets)
             i += 1
 
 
@@ -135,9 +150,12 @@ class MQARDataModule(DataModule):
 
     def __init__(self, *, tokenizer: dict[str, Any], seq_len: int, num_kv_pairs: int, vocab_size: int,
                  num_train: int | None, num_test: int, test: list[list[int]] | None, batch_size: int,
-                 val_batch_size: int, seed: int) -> None:
+                 val_batch_size: int, seed: int, offsets: str) -> None:
         super().__init__()
         check_setting(seq_len, num_kv_pairs, vocab_size)
+        if offsets not in OFFSETS:
+            raise DataError(f"data.offsets={offsets!r}: give {' or '.join(OFFSETS)}")
+        self.offsets = offsets
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size), ("num_test", num_test)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DataError(f"data.{name}={value!r}: give a whole number >= 1")
@@ -172,8 +190,8 @@ class MQARDataModule(DataModule):
         self.tokenizer = build_tokenizer(self.tokenizer_cfg, vocab_size=self.vocab_size)
         if self.num_train is not None:
             self.train_set = make_split(self.seed, self.num_train, self.seq_len, self.num_kv_pairs,
-                                        self.vocab_size, test=False)
-        self.test_sets = [make_split(self.seed, self.num_test, T, P, self.vocab_size, test=True)
+                                        self.vocab_size, test=False, offsets=self.offsets)
+        self.test_sets = [make_split(self.seed, self.num_test, T, P, self.vocab_size, test=True, offsets=self.offsets)
                           for T, P in self.settings]
 
     @property
@@ -186,7 +204,8 @@ class MQARDataModule(DataModule):
 
     def describe(self) -> str:
         train = (f"{self.num_train:,} fixed" if self.num_train is not None else "fresh every step")
-        return (f"MQAR seq_len {self.seq_len}, {self.num_kv_pairs} pairs, training examples {train}; "
+        return (f"MQAR seq_len {self.seq_len}, {self.num_kv_pairs} pairs, {self.offsets} query offsets, "
+                f"training examples {train}; "
                 f"{self.num_test:,} test examples at each of {', '.join(self.val_names)} (seq_len x pairs)")
 
     def setup(self, stage: str | None = None) -> None:
@@ -198,7 +217,7 @@ class MQARDataModule(DataModule):
         start, self.resume_batches = self.resume_batches, 0
         if self.num_train is None:
             stream = FreshBatches(self.seed, self.batch_size, self.seq_len, self.num_kv_pairs, self.vocab_size,
-                                  rank, world, start)
+                                  rank, world, start, self.offsets)
             return DataLoader(stream, batch_size=None)
         data = TensorDataset(*self.train_set)
         sampler = self.sampler = ResumableSampler(data, num_replicas=world, rank=rank, seed=self.seed)

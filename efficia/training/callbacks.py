@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from efficia.data.base import IGNORE
-from efficia.training.throughput import compute_dtype, peak_flops, training_flops_per_token
+from efficia.training.throughput import compute_dtype, peak_flops, run_flops_per_token
 
 
 class LossCurve(Callback):
@@ -106,8 +106,7 @@ class Throughput(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         cfg = pl_module.cfg
-        seq_len = cfg.get("data", {}).get("seq_len") or cfg["model"]["max_seq_len"]
-        self.flops_per_token = training_flops_per_token(cfg["model"], pl_module.tokenizer.vocab_size, seq_len)
+        self.flops_per_token, seq_len = run_flops_per_token(cfg, pl_module.tokenizer.vocab_size)
         # the fused output unit gives logits to scored rows only (efficia.models.output): on recall data (1 scored
         # row in 8) the head's share of the count is done for those rows only, 2 FLOPs per weight forward, 4 back
         self.head_flops = 6 * pl_module.net.head_weight.numel() if cfg["loss"]["impl"] == "fused" else 0

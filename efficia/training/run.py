@@ -25,6 +25,7 @@ import efficia.config  # noqa: F401  (registers the ${mixed_precision:} resolver
 from efficia.checks import check_fits, check_run_config, config_errors
 from efficia.data.base import DataModule
 from efficia.errors import ConfigError, TrainingError
+from efficia.training.budget import CpuBudget, apply_flops_budget, check_budget
 from efficia.training.callbacks import FinalValidation
 from efficia.training.checkpointing import (
     AtomicCheckpointIO,
@@ -110,6 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_lightning()
     check_run_config(plain_cfg)
     check_fits(plain_cfg, TrainingModule.LOGGED)
+    check_budget(plain_cfg)
     output_dir = Path(cfg.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg))
     claim_run_dir(output_dir, ckpt_path)
@@ -141,12 +143,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with config_errors("callbacks"):
         callbacks = build_callbacks(cfg.get("callbacks"))
     stop = GracefulStop(resume_command(output_dir))
+    if plain_cfg["budget"]["cpu_seconds"] is not None:
+        callbacks.append(CpuBudget(plain_cfg["budget"]["cpu_seconds"]))
     with config_errors("trainer"):
         # LoggerStep first: every other callback that logs at a batch's start (the LR monitor) sees its step
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[LoggerStep(), *callbacks, FinalValidation(), stop,
                                                                     RNGState()],
                                          logger=loggers or False, plugins=[AtomicCheckpointIO()])
     say_where_ddp_runs(trainer)
+    line = apply_flops_budget(trainer, plain_cfg, datamodule.tokenizer.vocab_size, datamodule.batch_size)
+    if line:
+        rank_zero_only(print)(line)
     try:
         with stop:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -29,9 +29,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from efficia.errors import ConfigError
+from efficia.training.budget import describe_budget
 from efficia.training.module import TrainingModule
+from efficia.training.throughput import run_flops_per_token
 
 RECORD = "run_record.json"
+FAILED = "job_failed.json"  # written by efficia.training.multirun for a job that failed
 RECALL = "val/recall_acc"
 CACHE_LENGTHS = (1024, 8192)  # decoding-cache bytes are reported at these sequence lengths
 
@@ -52,6 +55,7 @@ class RunRecord(Callback):
         self.cpu_start = 0.0         # process CPU seconds at fit start: on a shared machine, what the run itself used
         self.prior_cpu_s = 0.0
         self.last_end: float | None = None
+        self.flops_per_token = math.nan
 
     def wall_s(self) -> float:
         return self.prior_wall_s + (time.perf_counter() - self.fit_start if self.fit_start is not None else 0.0)
@@ -62,6 +66,7 @@ class RunRecord(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: TrainingModule) -> None:
         self.fit_start = time.perf_counter()
         self.cpu_start = time.process_time()
+        self.flops_per_token, _ = run_flops_per_token(pl_module.cfg, pl_module.tokenizer.vocab_size)
         update_wandb_summary(trainer, static_facts(pl_module))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: TrainingModule, outputs: Any,
@@ -103,6 +108,8 @@ class RunRecord(Callback):
         return {
             "steps": trainer.global_step,
             "tokens": float(pl_module.tokens_seen),
+            "flops_per_token": self.flops_per_token,  # forward + backward, counted (efficia.training.throughput)
+            "flops": self.flops_per_token * float(pl_module.tokens_seen),
             "wall_s": self.wall_s(),
             "cpu_s": self.cpu_s(),
             "tokens_per_s": self.train_tokens / self.train_s if self.train_s > 0 else math.nan,
@@ -156,7 +163,7 @@ def update_wandb_summary(trainer: L.Trainer, values: dict[str, Any]) -> None:
 
 # -- the sweep report -----------------------------------------------------------------------------
 
-COLUMNS = ["job", "overrides", "model", "params", "steps", "tokens", "best_val_loss", "best_val_bpb",
+COLUMNS = ["job", "overrides", "model", "params", "steps", "tokens", "flops", "best_val_loss", "best_val_bpb",
            "final_val_loss", "final_val_bpb", "wall_s", "cpu_s", "tokens_per_s",
            *(f"cache_bytes@{n}" for n in CACHE_LENGTHS), "final_recall_acc", "best_recall_acc", "status"]
 
@@ -185,12 +192,18 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         record_path = d / RECORD
         if record_path.is_file():
             record = json.loads(record_path.read_text())
-            row.update({k: v for k, v in record.items() if k in COLUMNS or k.startswith("recall_acc/")})
+            row.update({k: v for k, v in record.items()
+                        if k in COLUMNS or k == "flops_per_token" or k.startswith("recall_acc/")})
             row["status"] = "done"
             row["val"] = record.get("val", [])
-        else:
-            row["status"] = "no record: failed, running, or run without callbacks.run_record"
+        elif (d / FAILED).is_file():
+            row["status"] = "failed: " + json.loads((d / FAILED).read_text())["error"]
             row["val"] = []
+        else:
+            row["status"] = "no record: running, stopped, or run without callbacks.run_record"
+            row["val"] = []
+        config = d / ".hydra" / "config.yaml"
+        row["budget"] = describe_budget(yaml.safe_load(config.read_text())) if config.is_file() else None
         rows.append(row)
     common = set.intersection(*(set(r["override_list"]) for r in rows)) if len(rows) > 1 else set()
     for r in rows:  # what tells this job from the others (the table and the plot legend show only this)
@@ -244,7 +257,8 @@ def markdown(rows: list[dict[str, Any]], sweep_dir: Path) -> str:
                  fmt(r.get("steps"), "d"), fmt(r.get("tokens"), ".3f", 1e6), fmt(r.get("best_val_loss"), ".4f"),
                  fmt(r.get("best_val_bpb"), ".4f"), fmt(r.get("final_val_loss"), ".4f"), fmt(r.get("wall_s"), ".0f"),
                  fmt(r.get("tokens_per_s"), ",.0f"),
-                 *(fmt(r.get(f"cache_bytes@{n}"), ",.0f", 1024) for n in CACHE_LENGTHS), r["status"]]
+                 *(fmt(r.get(f"cache_bytes@{n}"), ",.0f", 1024) for n in CACHE_LENGTHS),
+                 r["status"].replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![val loss against steps, tokens and wall time](summary.png)", ""]
     if setting_columns(rows):
@@ -341,13 +355,22 @@ class SweepReport(HydraCallback):
         md = write_report(config.hydra.sweep.dir)
         if md is not None:
             print(f"sweep report: {md} (+ summary.csv, summary.png)")
+        if str(config.hydra.sweeper.get("_target_", "")).endswith("ComparisonSweeper"):
+            return  # a comparison's failed or diverged rates are results, in compare.md
+        rows = collect(Path(config.hydra.sweep.dir))
+        failed = [r for r in rows if r["status"].startswith("failed")]
+        if failed:  # the sweep ran every job; its exit status still says that some failed
+            print(f"error: {len(failed)} of {len(rows)} jobs failed (their error lines are in {md}): "
+                  + "; ".join(f"{r['job']}: {r['status'].removeprefix('failed: ')}" for r in failed[:3]),
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
     """python -m efficia.sweep dir=<sweep dir>
 
-    Rebuild a multirun's report (summary.csv, summary.md, summary.png) in its sweep folder from the jobs'
-    run_record.json files, e.g. after an interrupted sweep: dir=multirun/<date>/<time>.
+    Rebuild a multirun's report (summary.csv, summary.md, summary.png, and compare.md for a comparison) in its
+    sweep folder from the jobs' run_record.json files, e.g. after an interrupted sweep: dir=multirun/<date>/<time>.
     """
     from efficia.cli import command_options, run_cli
 
@@ -358,5 +381,12 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"dir={options['dir']} is not a folder; give a multirun sweep folder "
                               "(multirun/<date>/<time>)")
         print(write_report(options["dir"]) or f"no jobs found under {options['dir']}")
+        from efficia.training.compare import comparison_of
+
+        protocol = comparison_of(Path(str(options["dir"])))
+        if protocol is not None:
+            from efficia.training.compare import write_comparison
+
+            print(write_comparison(options["dir"], protocol))
 
     run_cli(run, None)

@@ -82,6 +82,13 @@ def training_flops_per_token(model_cfg: Mapping[str, Any], vocab_size: int, seq_
     return measure_flops(net, lambda: net(idx), loss) / seq_len
 
 
+def run_flops_per_token(cfg: Mapping[str, Any], vocab_size: int) -> tuple[float, int]:
+    """(training FLOPs per token, the window they are counted at) of a run's config: its data's seq_len,
+    else the model's context."""
+    seq_len = cfg.get("data", {}).get("seq_len") or cfg["model"]["max_seq_len"]
+    return training_flops_per_token(cfg["model"], vocab_size, seq_len), seq_len
+
+
 def measure_cpu_peak(dtype: str = "fp32", max_n: int = 2048, min_seconds: float = 0.05, repeats: int = 3) -> float:
     """FLOP/s of the best of `repeats` n×n matmuls in `dtype`, on the threads torch is using now. n doubles from
     256 until one matmul takes `min_seconds` (or n reaches max_n), so a dtype this CPU only emulates (bf16
