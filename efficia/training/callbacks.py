@@ -138,10 +138,10 @@ class Throughput(Callback):
         machine); still above 1, one line says so and MFU is off for the rest of the run."""
         if flops_per_second > self.peak and device.type == "cpu":
             measured, _ = peak_flops(device, self.dtype)
-            rank_zero_info(f"throughput: MFU read {flops_per_second / self.peak:.0%} of the CPU peak measured at "
-                           f"start ({self.peak / 1e9:,.0f} GFLOP/s; the machine was busy then): measured again, "
-                           f"{measured / 1e9:,.0f} GFLOP/s")
-            self.peak = max(self.peak, measured)
+            before, self.peak = self.peak, max(self.peak, measured)
+            rank_zero_info(f"throughput: MFU read {flops_per_second / before:.0%} of the CPU peak measured at "
+                           f"start ({before / 1e9:,.0f} GFLOP/s; the machine was busy then): measured again, "
+                           f"{measured / 1e9:,.0f} GFLOP/s; peak {self.peak / 1e9:,.0f} GFLOP/s from here on")
         if flops_per_second > self.peak:
             rank_zero_info(f"throughput: training runs at {flops_per_second / 1e9:,.0f} GFLOP/s, above the "
                            f"{self.peak / 1e9:,.0f} GFLOP/s peak ({self.dtype}) it is measured against; the peak "
