@@ -33,6 +33,7 @@ from efficia.errors import EfficiaError  # noqa: E402
 from efficia.plan.choose import GIB, Plan, plan_run  # noqa: E402
 from efficia.plan.command import compose  # noqa: E402
 from efficia.plan.report import gib  # noqa: E402
+from efficia.plan.report import rate as planned_rate  # noqa: E402
 from efficia.plan.table import seed_recipes  # noqa: E402
 from efficia.training.hardware import GPUMemoryBudget  # noqa: E402
 
@@ -91,7 +92,7 @@ def row(recipe: list[str], preset: str, found: dict[str, Any]) -> str:
     rate = f"{found['tok/s']:,.0f}" if found.get("tok/s") else "-"
     mfu = f"{found['mfu']:.0%}" if found.get("mfu") else "-"
     return (f"| `{' '.join(recipe)}` | {preset} | {planned} | {ran} | {gib(c.memory.peak)} | "
-            f"{gib(peak) if peak else '-'} | {ratio} | {plan.tokens_per_second(c):,.0f} | {rate} | {mfu} |")
+            f"{gib(peak) if peak else '-'} | {ratio} | {planned_rate(plan.tokens_per_second(c))} | {rate} | {mfu} |")
 
 
 def check_flex_attention() -> str:

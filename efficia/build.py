@@ -5,7 +5,7 @@ loading share: `torch.load(weights_only=True)`, so no code in a checkpoint ever 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,13 @@ def model_inputs(model_cfg: Mapping[str, Any], vocab_size: int,
         saved = weights["external_table"]
         return {"external_table": torch.zeros(tuple(saved.shape if isinstance(saved, torch.Tensor) else saved))}
     return {"external_table": load_external_table(str(external["source"]), external.get("key"), vocab_size)}
+
+
+def weights_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype of a checkpoint's or an export's floating weights, the one a loaded model keeps (bf16 stays bf16);
+    fp32 when they are mixed."""
+    floating = {d for d in dtypes if d.is_floating_point}
+    return floating.pop() if len(floating) == 1 else torch.float32
 
 
 def build_model(model_cfg: Mapping[str, Any], vocab_size: int,

@@ -94,6 +94,15 @@ def first_line(err: BaseException) -> str:
     return text[0] if text else type(innermost(err)).__name__
 
 
+def joined_lines(err: BaseException, limit: int = 300) -> str:
+    """A library's whole message as one line: torch's load_state_dict names the keys on the lines after its
+    first ("Error(s) in loading state_dict for GPT:")."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    if not text:
+        return type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 @contextlib.contextmanager
 def config_errors(what: str) -> Iterator[None]:
     """Errors raised while building `what` from the config are configuration errors: say so in one line."""

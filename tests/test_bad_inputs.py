@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import efficia
@@ -101,6 +102,32 @@ def test_sample_refuses_bad_inputs_in_one_line(ckpt: str, tmp_path: Path) -> Non
         assert "\n" not in str(info.value), overrides
 
 
+def test_an_export_of_a_checkpoint_missing_a_tensor_names_it(ckpt: str, tmp_path: Path, capsys) -> None:
+    """torch puts the missing key on the line after "Error(s) in loading state_dict": the one line keeps it."""
+    from efficia.inference.export import main as export_main
+
+    state = torch.load(ckpt, weights_only=True)
+    del state["state_dict"]["net.tok_emb.weight"]
+    torch.save(state, tmp_path / "broken.ckpt")
+    with pytest.raises(SystemExit):
+        export_main([f"ckpt={tmp_path / 'broken.ckpt'}", f"out={tmp_path / 'out'}"])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert 'Missing key(s) in state_dict: "tok_emb.weight"' in line and not (tmp_path / "out").exists()
+
+
+def test_an_ids_prompt_names_the_id_out_of_range(make_cfg) -> None:
+    """An MQAR model's prompt "3 -5": the line names -5, not the largest id."""
+    from efficia.build import build_model
+    from efficia.data.tokenizers import IdTokenizer
+    from efficia.inference.loading import LoadedModel
+
+    cfg = OmegaConf.to_container(make_cfg("experiment=recall", "scale=tiny", "data.vocab_size=64"), resolve=True)
+    model = LoadedModel(build_model(cfg["model"], 64).eval(), IdTokenizer(64), cfg)
+    for prompt, bad in (("3 -5", -5), ("70 3", 70), ("3 64 1", 64)):
+        with pytest.raises(EfficiaError, match=rf"token ids must lie in \[0, 64\); got {bad}$"):
+            model.generate(prompt, max_new_tokens=1)
+
+
 # -- train.py: the inputs the issue names, then a seeded fuzz over groups and bad values --------------
 
 FAST = ["debug=fast_dev_run", "logger=csv", "callbacks.progress_bar=null"]
@@ -117,6 +144,8 @@ NAMED = {  # override -> the start of the line it must give
     "sampling.top_p=1.5": "sampling.top_p=1.5: give a number in [0, 1]",
     "callbacks.checkpoint.monitor=nope": "callbacks.checkpoint.monitor='nope' is not a metric this run logs",
     "nonfinite_loss=maybe": "nonfinite_loss='maybe': use one of stop, skip",
+    "data=mqar tokenizer=char": "data=mqar generates token ids: use tokenizer=ids (got tokenizer.kind='char')",
+    "trainer=rtx3060 callbacks.gpu_budget.headroom=1.5": "callbacks.gpu_budget.headroom=1.5: give the share of the",
 }
 
 
@@ -124,7 +153,7 @@ NAMED = {  # override -> the start of the line it must give
 def test_named_bad_train_inputs_are_one_line(make_cfg, override: str) -> None:
     require_data()
     with pytest.raises(EfficiaError) as info:
-        train(make_cfg(*FAST, override))
+        train(make_cfg(*FAST, *override.split()))
     assert str(info.value).startswith(NAMED[override]) and "\n" not in str(info.value)
 
 

@@ -17,18 +17,20 @@ from tests.trained_like import randomise
 PENALTY = 3.0
 
 
-def penalise(logits: torch.Tensor, tokens: list[int], penalty: float) -> torch.Tensor:
-    """Once per distinct token: a positive logit divided by the penalty, a negative one multiplied."""
+def penalise(logits: torch.Tensor, tokens: list[int], penalty: float, per_occurrence: bool = False) -> torch.Tensor:
+    """Once per distinct token: a positive logit divided by the penalty, a negative one multiplied
+    (`per_occurrence`: once per occurrence, the bug to tell apart)."""
     out = logits.clone()
-    for t in set(tokens):
+    for t in tokens if per_occurrence else set(tokens):
         out[t] = out[t] / penalty if out[t] > 0 else out[t] * penalty
     return out
 
 
 def reference(model, prompt: torch.Tensor, steps: int, penalty: float, *, only_prompt: bool = False,
-              temperature: float = 0.0, seed: int | None = None) -> torch.Tensor:
-    """Row by row, full forward each step; `only_prompt` penalises the prompt's tokens only (the bug to
-    tell apart). Sampling draws from one generator per call, as generate() does, row by row."""
+              per_occurrence: bool = False, temperature: float = 0.0, seed: int | None = None) -> torch.Tensor:
+    """Row by row, full forward each step; `only_prompt` penalises the prompt's tokens only and `per_occurrence`
+    a token once per time it occurs (the bugs to tell apart). Sampling draws from one generator per call, as
+    generate() does, row by row."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     seqs = [row.tolist() for row in prompt]
     for _ in range(steps):
@@ -37,7 +39,7 @@ def reference(model, prompt: torch.Tensor, steps: int, penalty: float, *, only_p
         rows = []
         for b, seq in enumerate(seqs):
             seen = seq[:prompt.shape[1]] if only_prompt else seq
-            rows.append(penalise(last[b], seen, penalty))
+            rows.append(penalise(last[b], seen, penalty, per_occurrence))
         logits = torch.stack(rows)
         if temperature == 0:
             nxt = logits.argmax(-1)
@@ -62,6 +64,15 @@ def test_greedy_repetition_penalty_covers_generated_tokens(model) -> None:
     # the test tells the penalty apart from no penalty and from a prompt-only penalty
     assert not torch.equal(want, reference(model, prompt, steps, 1.0))
     assert not torch.equal(want, reference(model, prompt, steps, PENALTY, only_prompt=True))
+
+
+def test_a_token_repeated_in_the_prompt_is_penalised_once(model) -> None:
+    """Token 2 six times: penalised once (its logit / 1.2) it stays the greedy pick; penalised per occurrence
+    (/ 1.2^6) it would not, and the continuation would differ from its first token on."""
+    prompt = torch.tensor([[2] * 6])
+    out = generate(model, prompt, 6, temperature=0.0, repetition_penalty=1.2)
+    assert torch.equal(out, reference(model, prompt, 6, 1.2))
+    assert not torch.equal(out[:, 6], reference(model, prompt, 6, 1.2, per_occurrence=True)[:, 6])
 
 
 def test_sampled_repetition_penalty_covers_generated_tokens(model) -> None:

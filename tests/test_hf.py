@@ -43,11 +43,24 @@ NATIVE = {"optimus": "DeepseekV2ForCausalLM", "optimus[model.decode=expanded]": 
           "gpt[model.n_kv_head=1]": "Starcoder2ForCausalLM", "gpt[model.pos_emb=learned]": "GPT2LMHeadModel",
           "gpt[model.dropout=0.2 model.n_kv_head=1]": "Starcoder2ForCausalLM",
           "gpt[model.bias=true]": "Starcoder2ForCausalLM",
-          "gpt[model.bias=true model.pos_emb=learned]": "GPT2LMHeadModel"}
+          "gpt[model.bias=true model.pos_emb=learned]": "GPT2LMHeadModel",
+          "gpt[model.tie_embeddings=false]": "Starcoder2ForCausalLM",
+          "optimus[model.tie_embeddings=false]": "DeepseekV2ForCausalLM",
+          "optimus[model.attention=gqa model.tie_embeddings=false]": "LlamaForCausalLM",
+          "optimus[model.attention=gqa model.norm_eps=1e-5]": "LlamaForCausalLM",
+          "gpt[bf16]": "Starcoder2ForCausalLM"}
 EXTRA = {"gpt": [("model.bias=true",), ("model.bias=true", "model.pos_emb=learned")]}
 CASES = [(name, v) for name in sorted(MODELS) for v in [*VARIANTS.get(name, [()]), *EXTRA.get(name, [])]]
-CASE_IDS = [name + (f"[{' '.join(v)}]" if v else "") for name, v in CASES]
 REMOTE_ANYWAY = "optimus[remote_code]"  # the remote-code path on a model that also has a native class
+BF16 = "gpt[bf16]"  # a bf16 model (a bf16-true run): the folder keeps bf16, and so does reading it back
+# untied heads, and a norm epsilon that is not transformers' default (an export that dropped it from the config
+# would pass with the default one); after the cases above, whose random inputs are seeded by their position
+CASES += [("gpt", ("model.tie_embeddings=false",)), ("optimus", ("model.tie_embeddings=false",)),
+          ("optimus", ("model.attention=gqa", "model.tie_embeddings=false")),
+          ("optimus", ("model.attention=gqa", "model.norm_eps=1e-5"))]
+CASE_IDS = [name + (f"[{' '.join(v)}]" if v else "") for name, v in CASES]
+SPECIAL = {REMOTE_ANYWAY: ("optimus", ()), BF16: ("gpt", ())}
+ORDER = len(CASES) - 4  # REMOTE_ANYWAY first exported there, before the four above
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,6 +97,7 @@ LOADER = textwrap.dedent("""
             logits = model(input_ids=idx).logits
         out = model.generate(idx[:1, :8], max_new_tokens=32, do_sample=False)
         results[case] = {"class": type(model).__name__, "logits": logits, "generated": out[0, 8:],
+                         "dtype": str(next(model.parameters()).dtype),
                          "ids": tokenizer(job["text"])["input_ids"], "text": tokenizer.decode(job["ids"])}
     torch.save(results, sys.argv[2])
 """)
@@ -101,8 +115,12 @@ def exported(tmp_path_factory) -> dict[str, dict]:
     cases, jobs = {}, {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors (a module fixture runs before the per-test one_thread)
-    for (name, variant), case in [*zip(CASES, CASE_IDS, strict=True), (("optimus", ()), REMOTE_ANYWAY)]:
+    jobs_in_order = [*zip(CASES, CASE_IDS, strict=True)]
+    jobs_in_order[ORDER:ORDER] = [(v, k) for k, v in SPECIAL.items()]
+    for (name, variant), case in jobs_in_order:
         model = trained_like(name, variant)
+        if case == BF16:  # seed 0: its bf16 logits are 0.024 of their scale from fp32's (a bf16 vs fp32 check fails)
+            model.net.to(torch.bfloat16)
         folder = efficia.save_pretrained(model, root / f"export-{len(cases)}", format="hf",
                                          remote_code=True if case == REMOTE_ANYWAY else None)
         idx = torch.randint(TINY_VOCAB, (2, 40), generator=torch.Generator().manual_seed(len(cases)))
@@ -130,21 +148,27 @@ def exported(tmp_path_factory) -> dict[str, dict]:
 
 
 @EXPORTED
-@pytest.mark.parametrize("case", [*CASE_IDS, REMOTE_ANYWAY])
+@pytest.mark.parametrize("case", [*CASE_IDS, *SPECIAL])
 def test_transformers_computes_what_efficia_computes(exported, case: str) -> None:
     got = exported[case]
     theirs = got["theirs"]
     assert theirs["class"] == NATIVE.get(case, "EfficiaForCausalLM")
+    assert theirs["dtype"] == str(got["logits"].dtype)  # the folder's dtype, transformers' dtype="auto"
+    if case == BF16:  # two bf16 forwards, different kernels: within bf16's rounding, not fp32's 1e-4
+        scale = got["logits"].float().abs().max().item()
+        torch.testing.assert_close(theirs["logits"].float(), got["logits"].float(), atol=0.05 * scale, rtol=0)
+        return
     torch.testing.assert_close(theirs["logits"], got["logits"], atol=1e-4, rtol=0, msg=f"{case}: logits differ")
     assert theirs["generated"].tolist() == got["generated"].tolist(), f"{case}: greedy generate() differs"
     assert theirs["ids"] == got["ids"] and theirs["text"] == got["text"]
 
 
 @EXPORTED
-@pytest.mark.parametrize("case", [*CASE_IDS, REMOTE_ANYWAY])
+@pytest.mark.parametrize("case", [*CASE_IDS, *SPECIAL])
 def test_an_exported_folder_imports_back_as_the_same_model(exported, case: str) -> None:
     got = exported[case]
     loaded = efficia.from_pretrained(got["folder"])
+    assert loaded.net.param_dtype == got["model"].net.param_dtype
     assert loaded.cfg["model"] == got["model"].cfg["model"] and loaded.sampling == got["model"].sampling
     assert loaded.tokenizer.state() == got["model"].tokenizer.state()
     with torch.no_grad():
@@ -230,22 +254,55 @@ def test_a_wrong_permutation_is_caught_before_anything_is_written(monkeypatch, t
     assert list(tmp_path.iterdir()) == []
 
 
+def copy_folder(source: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for f in source.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
 @EXPORTED
 def test_a_folder_missing_a_tensor_fails_in_one_line(exported, tmp_path: Path) -> None:
+    """The folder is what is wrong (a tensor gone, or an efficia.json that describes other weights): the line says
+    so and says to export again; it does not blame efficia's mapping table."""
     from safetensors.torch import load_file, save_file
 
     for case in ("optimus", "yinggem"):
-        folder = tmp_path / case
-        folder.mkdir()
-        for f in exported[case]["folder"].iterdir():
-            (folder / f.name).write_bytes(f.read_bytes())
+        folder = copy_folder(exported[case]["folder"], tmp_path / case)
         tensors = load_file(str(folder / "model.safetensors"))
         dropped = sorted(tensors)[3]
         del tensors[dropped]
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         with pytest.raises(CheckpointError) as err:
             efficia.from_pretrained(folder)
-        assert "\n" not in str(err.value) and "tensor" in str(err.value), str(err.value)
+        message = str(err.value)
+        assert "\n" not in message and "tensor" in message and message.endswith("export the model again"), message
+        assert "mapping table" not in message, message
+    folder = copy_folder(exported["optimus"]["folder"], tmp_path / "fewer-layers")
+    meta = json.loads((folder / "efficia.json").read_text())
+    meta["model"]["n_layer"] -= 1
+    (folder / "efficia.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"import from DeepseekV2ForCausalLM: the folder's tensor "
+                                              r"model\.layers\.1\..* has no place in the model its efficia\.json "
+                                              r"describes \(1 layers\) .*; export the model again$"):
+        efficia.from_pretrained(folder)
+
+
+@EXPORTED
+def test_a_nonzero_tensor_efficia_has_no_place_for_is_refused(exported, tmp_path: Path) -> None:
+    """A transformers folder with a tensor our model lacks (gpt has bias-free norms, Starcoder2 has norm biases):
+    zero, it imports (what efficia writes); nonzero, dropping it would change the model, so one line refuses."""
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_folder(exported["gpt"]["folder"], tmp_path / "gpt")
+    tensors = load_file(str(folder / "model.safetensors"))
+    assert not tensors["model.norm.bias"].any()
+    efficia.from_pretrained(folder)
+    tensors["model.norm.bias"] = torch.full_like(tensors["model.norm.bias"], 0.1)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"import from Starcoder2ForCausalLM: model\.norm\.bias is not zero, "
+                                              r"and efficia's model has no such tensor"):
+        efficia.from_pretrained(folder)
 
 
 def test_an_export_made_before_efficias_split_loads(tmp_path: Path) -> None:

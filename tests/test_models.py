@@ -193,6 +193,30 @@ def test_gradient_checkpointing_flag_changes_nothing_but_memory(name: str) -> No
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+def test_dropout_reaches_every_place_it_is_configured_for(name: str) -> None:
+    """model.dropout is the rate of the embedding's dropout and of every block's mixer output and feed-forward
+    output (docs/architectures.md's shared names): in train mode about that share of each is exactly zero, in eval
+    mode none. A feed-forward (or mixer) that ignored the setting would train without it, silently."""
+    model = build_tiny(name, "model.dropout=0.5")
+    places = {"embedding": model.drop, **{f"blocks.{i}.{part}": getattr(block, part) for i, block in
+                                          enumerate(model.blocks) for part in ("mixer", "ffn")}}
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_hook(lambda m, i, out, where=where: outputs.__setitem__(
+        where, out[0] if isinstance(out, tuple) else out)) for where, module in places.items()]
+    idx = torch.randint(VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    try:
+        for training, share in ((True, 0.5), (False, 0.0)):
+            model.train(training)
+            torch.manual_seed(1)
+            model(idx)
+            zeros = {where: (out == 0).float().mean().item() for where, out in outputs.items()}
+            assert zeros.keys() == places.keys()
+            assert all(abs(z - share) < 0.05 for z in zeros.values()), (training, zeros)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 # --- bad settings: one clear line ------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from efficia.build import build_model
 from efficia.plan.__main__ import main
 from efficia.plan.choose import GIB, step_memory, tokenizer_state
 from efficia.plan.command import compose, plan_command
@@ -21,7 +22,7 @@ from tests.conftest import CONF, ROOT
 # by more than 15% somewhere: (overrides, micro-batch, micro-batches per step).
 SIZES = {
     # model states: AdamW's two moments, fp32 weights and the gradients the first micro-batch leaves alive
-    "states": (["model=gpt", "scale=small", "tokenizer=byte", "model.d_model=256", "model.max_seq_len=16",
+    "states": (["model=gpt", "scale=small", "tokenizer=byte", "model.d_model=256", "model.max_seq_len=128",
                 "data.batch_size=2"], 1, 2),
     # activations: sliding-window attention (chunked path) under bf16 autocast, Adafactor
     "activations": (["model=yinggem", "scale=tiny", "tokenizer=byte", "optimizer=adafactor",
@@ -40,10 +41,13 @@ def run_config(overrides: list[str]) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def predicted_and_measured() -> dict[str, tuple[Memory, int]]:
+    """The plan's side through `step_memory` (as the preset's search asks it: how many micro-batches, its choice),
+    the CPU's under the precision a real Trainer picks: neither side shares the other's accounting."""
     out = {}
     for name, (overrides, micro_batch, micro_batches) in SIZES.items():
         cfg, tokenizer = run_config(overrides)
-        out[name] = (measure_step(cfg, tokenizer, micro_batch, micro_batches),
+        assert cfg["data"]["batch_size"] // micro_batch == micro_batches or micro_batches == 2
+        out[name] = (step_memory(cfg, tokenizer, micro_batch),
                      measure_step_on_cpu(cfg, tokenizer, micro_batch, micro_batches))
     return out
 
@@ -61,6 +65,19 @@ def test_every_part_of_the_sum_is_needed(predicted_and_measured) -> None:
         misses = [name for name, (memory, measured) in predicted_and_measured.items()
                   if abs((memory.peak - getattr(memory, part)) / measured - 1) > 0.15]
         assert misses, f"leaving out {part} still passes at every size: the sizes do not test it"
+
+
+def test_the_model_states_are_counted_as_the_step_counts_them() -> None:
+    """The check that refuses a model over the card before any step (`measure_states`) counts what the step holds:
+    the same parameters and optimizer state, and every gradient (alive during accumulation)."""
+    from efficia.plan.measure import measure_states
+
+    cfg, tokenizer = run_config(SIZES["states"][0])
+    states, step = measure_states(cfg, tokenizer), measure_step(cfg, tokenizer, 1, 2)
+    assert (states.parameters, states.gradients, states.optimizer) == (step.parameters, step.gradients,
+                                                                       step.optimizer)
+    assert states.gradients == sum(p.numel() * 4 for p in build_model(cfg["model"], 257).parameters())
+    assert 2 * states.gradients <= states.optimizer < 2.001 * states.gradients  # AdamW's two moments (and steps)
 
 
 def test_a_tied_head_is_counted_once() -> None:
@@ -152,23 +169,40 @@ def test_without_a_preset_every_gpu_preset_is_planned(capsys) -> None:
 
 
 def test_an_impossible_run_is_one_line_and_a_non_zero_exit() -> None:
-    """The door users hit: a model whose weights and AdamW state alone outgrow a 12 GB card (a 4.8B gpt),
-    through `python -m efficia.plan`. (A context longer than the data is refused earlier, by train's checks.)"""
+    """The door users hit: a model whose weights, gradients and AdamW state alone outgrow a 12 GB card (a 1.8B gpt),
+    through `python -m efficia.plan`: refused from those states, without running a step on fake tensors.
+    (A context longer than the data is refused earlier, by train's checks.)"""
     proc = subprocess.run([sys.executable, "-m", "efficia.plan", "model=gpt", "scale=seed", "model.d_model=8192",
                            "model.n_head=64", "trainer=rtx3060"], cwd=ROOT, capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("error: gpt on the rtx 3060 preset: even a micro-batch of 1 x 256 tokens peaks at")
-    assert "lower data.seq_len" in line and "scale=" in line
-    assert "does not fit at 1" in proc.stdout  # the plan itself is printed before the error
+    assert line.startswith("error: gpt on the rtx 3060 preset: its 1,762M parameters, their gradients and AdamW "
+                           "state alone take 26.26 GiB, over the 10.30 GiB") and "scale=" in line
+    assert "states alone over" in proc.stdout  # the plan itself is printed before the error
+
+
+def test_mqar_is_planned_with_its_vocabulary(capsys) -> None:
+    """data=mqar is token ids: the plan takes the data's vocabulary as training does (it used to refuse every
+    MQAR run)."""
+    main(["experiment=recall", "scale=tiny", "trainer=rtx3060", "data.vocab_size=512"])
+    assert "vocab 512;" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
     (["model=nonexistent"], "error: "),
     (["model=gpt", "scale=tiny", "trainer=rtx3060", "trainer.precision=8-weird"], "error: trainer.precision="),
     (["model=gpt", "scale=tiny", "trainer=rtx3060", "data.seq_len=64"], "error: data.seq_len=64 is longer"),
-    (["model=gpt", "scale=tiny", "mfu=2"], "error: mfu=2.0"),
+    (["model=gpt", "scale=tiny", "mfu=2"], "error: mfu=2: give"),
+    (["model=gpt", "scale=tiny", "context_gb=-5"], "error: context_gb=-5: the CUDA context takes memory"),
+    (["model=gpt", "scale=tiny", "trainer=rtx3060", "context_gb=20"], "error: context_gb=20 leaves nothing of the"),
+    (["model=gpt", "scale=tiny", "trainer=rtx3060", "callbacks.gpu_budget.memory_gb=-12"],
+     "error: callbacks.gpu_budget.memory_gb=-12: give the card's memory"),
+    (["model=gpt", "scale=tiny", "trainer=rtx3060", "callbacks.gpu_budget.headroom=1.5"],
+     "error: callbacks.gpu_budget.headroom=1.5: give the share"),
+    (["table=model=gpt"], "error: table=model=gpt: give the path of a markdown page"),
+    (["table="], "error: table=: give the path of a markdown page"),
+    (["table=true"], "error: table=true: give the path"),
     (["model=gpt", "scale=tiny", "mfu=lots"], "error: mfu='lots' is not a number"),
     (["model=gpt", "scale=tiny", "--mfu", "0.3"], "error: '--mfu' is not a key=value option"),
     (["table=-", "model=gpt"], "error: table= plans the seed recipes"),

@@ -58,6 +58,23 @@ def test_save_load_generate_gives_identical_logits(name: str, make_cfg, tmp_path
             original.generate("abc", seed=0, max_new_tokens=40, **options)
 
 
+def test_a_bf16_model_is_exported_and_read_back_in_bf16(make_cfg, tmp_path: Path) -> None:
+    """A bf16-true run's weights stay bf16 in the folder and in the model read back (and from its checkpoint)."""
+    model = tiny_loaded("gpt", make_cfg)
+    model.net.to(torch.bfloat16)
+    out = efficia.save_pretrained(model, tmp_path / "export")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
+    loaded = efficia.from_pretrained(out)
+    idx = torch.randint(TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert loaded.net.param_dtype == torch.bfloat16 and torch.equal(loaded.net(idx), model.net(idx))
+    ckpt = tmp_path / "bf16.ckpt"
+    torch.save({"hyper_parameters": {"cfg": model.cfg, "tokenizer_state": model.tokenizer.state()},
+                "state_dict": {f"net.{k}": v for k, v in model.net.state_dict().items()}}, ckpt)
+    assert efficia.load(ckpt).net.param_dtype == torch.bfloat16
+
+
 def test_tied_weights_are_stored_once_and_stay_tied(make_cfg, tmp_path: Path) -> None:
     original = tiny_loaded("gpt", make_cfg)
     assert original.net.lm_head.weight is original.net.tok_emb.weight
@@ -161,6 +178,25 @@ def test_export_cli_and_sample_from_the_folder(make_cfg, tmp_path: Path, capsys)
     with pytest.raises(SystemExit):
         export_main([f"ckpt={ckpt}"])
     assert "missing out=; usage: python -m efficia.export" in capsys.readouterr().err
+    # a folder nobody can write in (even root: /proc), in either format: one line, nothing written
+    for out in ("/proc/efficia-export", "/proc/efficia-export/model"):
+        for fmt in ("efficia", "hf"):
+            with pytest.raises(SystemExit) as info:
+                export_main([f"ckpt={ckpt}", f"out={out}", f"format={fmt}"])
+            (line,) = capsys.readouterr().err.splitlines()
+            assert info.value.code == 2 and line.startswith("error: cannot write in /proc"), line
+            assert line.endswith("choose an out= in a folder you can write")
+
+
+def test_an_export_to_a_mount_point_is_refused_before_writing(make_cfg) -> None:
+    """A mount point cannot be replaced by a rename: refused before anything is written beside it."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and shm.is_mount() and not any(shm.iterdir())):
+        pytest.skip("no empty mount point (/dev/shm) on this machine")
+    before = set(shm.parent.iterdir())
+    with pytest.raises(CheckpointError, match=r"out=/dev/shm is a mount point: .* \(out=/dev/shm/<name>\)"):
+        efficia.save_pretrained(tiny_loaded("gpt", make_cfg), shm)
+    assert set(shm.parent.iterdir()) == before and not any(shm.iterdir())
 
 
 def test_a_failed_export_leaves_nothing_behind(make_cfg, tmp_path: Path, monkeypatch) -> None:
@@ -168,6 +204,6 @@ def test_a_failed_export_leaves_nothing_behind(make_cfg, tmp_path: Path, monkeyp
         raise OSError("No space left on device")
 
     monkeypatch.setattr(pretrained, "save_model", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=r"cannot write the export to .*export \(No space left on device\)"):
         efficia.save_pretrained(tiny_loaded("gpt", make_cfg), tmp_path / "export")
     assert list(tmp_path.iterdir()) == []

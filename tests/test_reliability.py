@@ -125,14 +125,14 @@ def test_stop_by_signal_or_finish_then_resume_equals_straight_run(make_cfg) -> N
 
 
 def logged(run_dir: str | Path) -> dict[tuple[str, int], str]:
-    """(metric, step) -> value as the CSV logger wrote it, for every train/ and val/ metric."""
+    """(metric, step) -> value as the CSV logger wrote it, for every train/ and val/ metric and the learning rate."""
     with open(Path(run_dir) / "csv" / "metrics.csv") as f:
         return {(k, int(r["step"])): v for r in csv.DictReader(f) for k, v in r.items()
-                if v and k.startswith(("train/", "val/"))}
+                if v and k.startswith(("train/", "val/", "lr-"))}
 
 
 def test_resumed_curves_line_up_step_for_step_with_a_straight_run(make_cfg) -> None:
-    """Every metric a resumed run logs sits at the step where the uninterrupted run logged the same value:
+    """Every metric a resumed run logs (the learning rate too) sits at the step where the uninterrupted run logged it:
     resumed from a signal's save (mid-run) and from the end of a finished run. No dropout, so the
     values themselves are comparable; a curve shifted by one step fails."""
     require_data()
@@ -192,6 +192,21 @@ def test_last_is_written_every_n_steps_and_ckpt_path_last_resumes_it(make_cfg) -
     fresh = make_cfg(*BASE, "ckpt_path=last")
     with pytest.raises(CheckpointError, match="holds no last.ckpt; name the run folder"):
         train(fresh)
+
+
+def test_an_early_stopped_run_leaves_last_ckpt_at_its_last_step(make_cfg) -> None:
+    """Lightning writes last.ckpt at a validation only with a new best. Here the last validation is no best
+    (mode=max on a falling loss, so early stopping ends the run at step 4, best at step 2): last.ckpt must still
+    hold step 4 and its weights, for ckpt_path=last, efficia.load and exports."""
+    require_data()
+    cfg = make_cfg(*BASE, "trainer.max_steps=20", "trainer.val_check_interval=2", "callbacks.checkpoint.mode=max",
+                   "callbacks.early_stopping.mode=max", "callbacks.early_stopping.patience=1")
+    result = train(cfg)
+    assert result["global_step"] == 4  # stopped early, after one validation without a new best
+    assert torch.load(result["best_ckpt"], weights_only=True)["global_step"] == 2
+    last = torch.load(result["last_ckpt"], weights_only=True)
+    assert last["global_step"] == 4
+    assert not torch.equal(last["state_dict"]["net.tok_emb.weight"], weights(result["best_ckpt"])["net.tok_emb.weight"])
 
 
 # -- signals from outside, to the real command -------------------------------------------------------

@@ -59,9 +59,15 @@ def test_every_scale_composes_and_runs(make_cfg, scale: str) -> None:
 
 
 @pytest.mark.parametrize("trainer", [t for t in options("trainer") if t != "ddp_cpu"])
-def test_every_trainer_preset_runs_on_cpu(make_cfg, trainer: str) -> None:
+def test_every_trainer_preset_runs_on_cpu(make_cfg, trainer: str, caplog) -> None:
     result = run_fast(make_cfg, f"trainer={trainer}")
     assert result["global_step"] == 1
+    if not torch.cuda.is_available():  # a preset for GPUs says in one line what runs instead
+        said = [r.getMessage() for r in caplog.records if "no CUDA device" in r.getMessage()]
+        expected = {"ddp": "trainer=ddp: no CUDA device, so this is one process on the CPU",
+                    "rtx3060": "GPUMemoryBudget: no CUDA device", "rtx4090": "GPUMemoryBudget: no CUDA device"}
+        assert [line[:len(expected[trainer])] for line in said] == ([expected[trainer]] if trainer in expected
+                                                                    else []), said
 
 
 @pytest.mark.parametrize("logger", options("logger"))

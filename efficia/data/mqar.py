@@ -184,10 +184,10 @@ class MQARDataModule(DataModule):
     def prepare(self) -> None:
         if self.test_sets is not None:
             return
-        self.tokenizer = build_tokenizer(self.tokenizer_cfg, vocab_size=self.vocab_size)
-        if not isinstance(self.tokenizer, IdTokenizer):
+        if self.tokenizer_cfg.get("kind") != IdTokenizer.kind:  # a text tokenizer would fail on its own terms
             raise DataError(f"data=mqar generates token ids: use tokenizer=ids (got tokenizer.kind="
                             f"{self.tokenizer_cfg.get('kind')!r})")
+        self.tokenizer = build_tokenizer(self.tokenizer_cfg, vocab_size=self.vocab_size)
         if self.num_train is not None:
             self.train_set = make_split(self.seed, self.num_train, self.seq_len, self.num_kv_pairs,
                                         self.vocab_size, test=False, offsets=self.offsets)

@@ -171,8 +171,9 @@ class IdTokenizer:
         except ValueError:
             raise TokenizerError(f"ids tokenizer: {text[:40]!r} is not whitespace-separated token ids; "
                                  f"write the prompt as numbers, e.g. \"3 {self.size // 2 + 1} 5\"") from None
-        if any(not 0 <= i < self.size for i in ids):
-            raise TokenizerError(f"ids tokenizer: token ids must lie in [0, {self.size}); got {max(ids)}")
+        outside = [i for i in ids if not 0 <= i < self.size]
+        if outside:
+            raise TokenizerError(f"ids tokenizer: token ids must lie in [0, {self.size}); got {outside[0]}")
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

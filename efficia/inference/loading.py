@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from efficia.build import build_model, read_checkpoint
-from efficia.checks import check_sampling, is_int
+from efficia.build import build_model, read_checkpoint, weights_dtype
+from efficia.checks import check_sampling, is_int, joined_lines
 from efficia.data.tokenizers import Tokenizer, tokenizer_from_state
 from efficia.errors import CheckpointError, ConfigError
 from efficia.inference.generate import generate_tokens
@@ -100,8 +100,9 @@ def load(path: str | Path, device: str = "cpu") -> LoadedModel:
         net.load_state_dict(weights)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit model={cfg['model'].get('name')} as configured "
-                              f"inside the checkpoint ({str(err).splitlines()[0]})") from None
-    return LoadedModel(net.to(pick_device(device)).eval(), tokenizer, cfg)
+                              f"inside the checkpoint ({joined_lines(err)})") from None
+    dtype = weights_dtype(t.dtype for t in weights.values())  # a bf16-true run's checkpoint samples in bf16
+    return LoadedModel(net.to(pick_device(device), dtype).eval(), tokenizer, cfg)
 
 
 def pick_device(device: str) -> torch.device:

@@ -17,6 +17,7 @@ and `sample.py ckpt=<out_dir>` samples from it. JSON and safetensors run no code
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from efficia.build import build_model
+from efficia.build import build_model, weights_dtype
+from efficia.checks import joined_lines
 from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import CheckpointError, ConfigError, EfficiaError
 from efficia.inference.hf import FORMAT as HF_FORMAT
@@ -40,6 +42,7 @@ FORMAT, VERSION = "efficia-pretrained", 1
 CONFIG, TOKENIZER, WEIGHTS = "config.json", "tokenizer.json", "model.safetensors"
 HOW_TO_FIX = "export it again with `python -m efficia.export ckpt=<run>.ckpt out=<dir>`"
 FORMATS = ("efficia", "hf")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def save_pretrained(source: str | Path | LoadedModel, out_dir: str | Path, overwrite: bool = False,
@@ -65,24 +68,43 @@ def save_pretrained(source: str | Path | LoadedModel, out_dir: str | Path, overw
         if not is_export(out):
             raise CheckpointError(f"{out} exists and is not an efficia export; refusing to replace it. "
                                   "Choose another out=")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    if out.is_dir() and os.path.ismount(out):
+        raise CheckpointError(f"out={out} is a mount point: an export is written beside its folder and moved into "
+                              f"place, which a mount point cannot be; give a folder inside it (out={out}/<name>)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as err:
+        raise CheckpointError(f"cannot write in {out.parent} ({err.strerror}); an export is written beside its "
+                              "folder first: choose an out= in a folder you can write") from None
     try:
         if format == "hf":
             write_hf(model, run, tmp, remote_code)
         else:
             _write_efficia(model, run, tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        replace(tmp, out)
+    except OSError as err:
+        raise CheckpointError(f"cannot write the export to {out} ({err.strerror or err}); nothing there was changed: "
+                              "choose an out= in a folder you can write") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def replace(tmp: Path, out: Path) -> None:
+    """Move the written folder into place; an earlier export there is put back if the move fails."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
 
 
 def is_export(folder: Path) -> bool:
@@ -127,6 +149,8 @@ def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
     try:
         with safe_open(str(weights), "pt") as file:  # the header only: shapes of tensors a model takes as inputs
             shapes = {name: file.get_slice(name).get_shape() for name in file.keys()}  # noqa: SIM118
+            dtype = weights_dtype(SAFETENSORS_DTYPES.get(file.get_slice(name).get_dtype(), torch.float32)
+                                  for name in file.keys())  # noqa: SIM118
     except (SafetensorError, OSError) as err:
         raise _not_loadable(weights, config, err) from None
     try:
@@ -142,7 +166,7 @@ def from_pretrained(path: str | Path, device: str = "cpu") -> LoadedModel:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = {"model": config["model"], "tokenizer": config.get("tokenizer", {}), "sampling": config["sampling"]}
     try:
-        return LoadedModel(net.to(device).eval(), tokenizer, cfg)
+        return LoadedModel(net.to(device, dtype).eval(), tokenizer, cfg)
     except KeyError as err:
         raise CheckpointError(f"{folder / CONFIG}: the sampling preset lacks {err}; {HOW_TO_FIX}") from None
 
@@ -160,7 +184,7 @@ def load_any(path: str | Path, device: str = "cpu") -> LoadedModel:
 
 
 def _not_loadable(weights: Path, config: dict[str, Any], err: Exception) -> CheckpointError:
-    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    reason = joined_lines(err)
     return CheckpointError(f"{weights} is corrupt or does not fit model={config['model'].get('name')} "
                            f"as configured in {CONFIG} ({reason}); {HOW_TO_FIX}")
 

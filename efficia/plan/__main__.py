@@ -26,7 +26,7 @@ from pathlib import Path
 
 from efficia.cli import command_options, run_cli
 from efficia.errors import ConfigError
-from efficia.plan.choose import ASSUMED_MFU, CUDA_CONTEXT_GB
+from efficia.plan.choose import ASSUMED_MFU, CUDA_CONTEXT_GB, check_plan_options
 from efficia.plan.command import plan_command
 from efficia.plan.table import table, table_page, write_table
 
@@ -41,6 +41,12 @@ def plan(argv: Sequence[str]) -> None:
         if isinstance(options[key], bool) or not isinstance(options[key], int | float):
             raise ConfigError(f"{key}={options[key]!r} is not a number; usage: {usage}")
     mfu, context_gb, page = float(options["mfu"]), float(options["context_gb"]), options["table"]
+    check_plan_options(mfu, context_gb)
+    if "table" in {arg.split("=", 1)[0] for arg in argv} and not (isinstance(page, str) and page.strip()
+                                                                  and "=" not in page):
+        raw = next(a for a in argv if a.startswith("table=")).split("=", 1)[1]
+        raise ConfigError(f"table={raw}: give the path of a markdown page (table=docs/gpu-"
+                          "plan.md) or table=- to print the table; train.py overrides go as their own arguments")
     if page is None:
         plan_command(overrides, mfu, context_gb)
         return

@@ -18,8 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from efficia.errors import ConfigError
-from efficia.plan.measure import Memory, measure_step, measure_validation
-from efficia.training.hardware import plan_accumulation, search_micro_batch
+from efficia.plan.measure import Memory, measure_states, measure_step, measure_validation
+from efficia.training.hardware import check_budget, plan_accumulation, search_micro_batch
 
 CUDA_CONTEXT_GB = 0.5  # CUDA context + cuBLAS workspace + kernel images: about 0.3-0.5 GiB on Ampere/Ada
 ASSUMED_MFU = 0.30     # eager PyTorch on small models; bench/gpu_check.py measures the real figure
@@ -33,8 +33,9 @@ class Choice:
     checkpointing: bool
     micro_batch: int | None  # None: even a micro-batch of 1 does not fit
     accumulate: int | None
-    memory: Memory           # at micro_batch (at 1 when nothing fits)
-    flops_per_token: float   # forward + backward (+ recomputation), counted on the meta device
+    memory: Memory           # at micro_batch (at 1 when nothing fits; the model states alone when over at once)
+    flops_per_token: float | None  # forward + backward (+ recomputation), counted on the meta device (None: not run)
+    step_run: bool = True    # False: parameters, gradients and optimizer state alone were over, no step was run
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,14 @@ class Plan:
     def fits(self) -> bool:
         return self.configured.micro_batch is not None and self.val_fits == self.val_batch_size
 
-    def step_seconds(self, choice: Choice) -> float:
+    def step_seconds(self, choice: Choice) -> float | None:
+        if choice.flops_per_token is None:
+            return None
         return choice.flops_per_token * self.batch_size * self.seq_len / (self.peak_flops * self.mfu)
 
-    def tokens_per_second(self, choice: Choice) -> float:
-        return self.batch_size * self.seq_len / self.step_seconds(choice)
+    def tokens_per_second(self, choice: Choice) -> float | None:
+        time = self.step_seconds(choice)
+        return None if time is None else self.batch_size * self.seq_len / time
 
 
 @functools.lru_cache(maxsize=256)
@@ -120,10 +124,16 @@ def _flops_cached(model_json: str, vocab_size: int, seq_len: int) -> float:
     return training_flops_per_token(json.loads(model_json), vocab_size, seq_len)
 
 
-def choose(cfg: dict[str, Any], tokenizer_state: dict[str, Any], vocab_size: int, budget: int) -> Choice:
+def choose(cfg: dict[str, Any], tokenizer_state: dict[str, Any], vocab_size: int, budget: int,
+           states: Memory) -> Choice:
     """The preset's search (training/hardware.py): the largest of batch, batch/2, ... 1 whose step fits, then the
-    largest divisor of the batch at most that, and the accumulation that keeps data.batch_size."""
+    largest divisor of the batch at most that, and the accumulation that keeps data.batch_size. `states`: the
+    parameters, gradients and optimizer state every step holds; over the budget, no step is run (a model far
+    over any card would take minutes of fake-tensor work to be refused)."""
     batch_size, seq_len = cfg["data"]["batch_size"], cfg["data"]["seq_len"]
+    if states.peak > budget:
+        return Choice(bool(cfg["model"].get("gradient_checkpointing")), None, None, states, None, step_run=False)
+    flops = _flops_cached(json.dumps(cfg["model"], sort_keys=True), vocab_size, seq_len)
 
     def fits(micro_batch: int) -> bool:
         return step_memory(cfg, tokenizer_state, micro_batch).peak <= budget
@@ -132,14 +142,13 @@ def choose(cfg: dict[str, Any], tokenizer_state: dict[str, Any], vocab_size: int
     hopeless = not fits(batch_size) and not fits(1)
     found = None if hopeless else search_micro_batch(batch_size, fits)
     micro, accumulate = plan_accumulation(batch_size, found) if found else (None, None)
-    flops = _flops_cached(json.dumps(cfg["model"], sort_keys=True), vocab_size, seq_len)
     return Choice(bool(cfg["model"].get("gradient_checkpointing")), micro, accumulate,
                   step_memory(cfg, tokenizer_state, micro or 1), flops)
 
 
 def tokenizer_state(cfg: DictConfig, plain: dict[str, Any]) -> dict[str, Any]:
     """The tokenizer training would build: a char vocabulary comes from the corpus (read as training reads it),
-    the others need no data."""
+    token ids (data=mqar) from the data's vocabulary size, the others need no data."""
     from hydra.utils import instantiate
 
     from efficia.checks import config_errors
@@ -150,7 +159,16 @@ def tokenizer_state(cfg: DictConfig, plain: dict[str, Any]) -> dict[str, Any]:
             datamodule = instantiate(cfg.data, tokenizer=plain["tokenizer"])
         datamodule.prepare()
         return datamodule.tokenizer.state()
-    return build_tokenizer(plain["tokenizer"]).state()
+    return build_tokenizer(plain["tokenizer"], vocab_size=plain["data"].get("vocab_size")).state()
+
+
+def check_plan_options(mfu: float, context_gb: float) -> None:
+    """The command's own numbers, before any planning: a fraction in (0, 1] and a context of no negative size."""
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"mfu={mfu:g}: give the assumed model FLOPs utilisation as a fraction in (0, 1]")
+    if context_gb < 0:
+        raise ConfigError(f"context_gb={context_gb:g}: the CUDA context takes memory, it cannot give any; give "
+                          f"GiB >= 0 (default {CUDA_CONTEXT_GB})")
 
 
 def plan_run(cfg: DictConfig, mfu: float = ASSUMED_MFU, context_gb: float = CUDA_CONTEXT_GB) -> Plan:
@@ -168,8 +186,7 @@ def plan_run(cfg: DictConfig, mfu: float = ASSUMED_MFU, context_gb: float = CUDA
     preset = (plain.get("callbacks") or {}).get("gpu_budget")
     if not preset:
         raise ConfigError("this run has no GPU preset to plan for; add trainer=rtx3060 or trainer=rtx4090")
-    if not 0 < mfu <= 1:
-        raise ConfigError(f"mfu={mfu}: give the assumed model FLOPs utilisation as a fraction in (0, 1]")
+    check_plan_options(mfu, context_gb)
     state = tokenizer_state(cfg, plain)
     vocab_size = tokenizer_from_state(state).vocab_size
     with config_errors("model"):
@@ -180,7 +197,15 @@ def plan_run(cfg: DictConfig, mfu: float = ASSUMED_MFU, context_gb: float = CUDA
         raise ConfigError(f"callbacks.gpu_budget.card={preset['card']!r} is not in "
                           "efficia.training.throughput.GPU_PEAK_TFLOPS; "
                           "add its datasheet figures there")
-    budget = int(preset["memory_gb"] * GIB * (1 - preset["headroom"]) - context_gb * GIB)
+    check_budget(preset["memory_gb"], preset["headroom"])
+    usable = preset["memory_gb"] * (1 - preset["headroom"])
+    if context_gb >= usable:
+        raise ConfigError(f"context_gb={context_gb:g} leaves nothing of the {preset['card']} preset's "
+                          f"{preset['memory_gb']:g} GB less its {preset['headroom']:.0%} headroom ({usable:.2f} GiB); "
+                          f"give context_gb= in [0, {usable:.2f}) (default {CUDA_CONTEXT_GB})")
+    budget = int(usable * GIB - context_gb * GIB)
+    with config_errors("model"):
+        states = measure_states(plain, state)
     choices = []
     settings = [plain["model"]["gradient_checkpointing"]] if "gradient_checkpointing" in plain["model"] else [None]
     if settings[0] is not None:
@@ -189,9 +214,12 @@ def plan_run(cfg: DictConfig, mfu: float = ASSUMED_MFU, context_gb: float = CUDA
         run = plain if checkpointing is None else {**plain, "model": {**plain["model"],
                                                                        "gradient_checkpointing": checkpointing}}
         with config_errors("model"):
-            choices.append(choose(run, state, vocab_size, budget))
-    with config_errors("model"):
-        val_fits, validation = validation_batch(plain, state, budget)
+            choices.append(choose(run, state, vocab_size, budget, states))
+    if states.parameters + states.optimizer > budget:  # no gradients in validation, but still over: not run
+        val_fits, validation = None, Memory(states.parameters, 0, states.optimizer, 0, 0)
+    else:
+        with config_errors("model"):
+            val_fits, validation = validation_batch(plain, state, budget)
     return Plan(card=preset["card"], memory_gb=preset["memory_gb"], headroom=preset["headroom"],
                 context_gb=context_gb, precision=str(plain["trainer"]["precision"]),
                 optimizer=plain["optimizer"]["_target_"].rsplit(".", 1)[-1], model=plain["model"]["name"],

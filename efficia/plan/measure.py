@@ -222,13 +222,14 @@ def materialize(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def build_step(cfg: dict[str, Any], tokenizer_state: dict[str, Any], fake: bool):
+def build_step(cfg: dict[str, Any], tokenizer_state: dict[str, Any], fake: bool, plugin=None):
     """(module, optimizer, plugin) exactly as training builds them. `fake`: the module is built on the meta device
-    (no memory, no init time) and its tensors become fake CPU tensors; call it inside `fake_tensors()`."""
+    (no memory, no init time) and its tensors become fake CPU tensors; call it inside `fake_tensors()`.
+    `plugin`: a precision plugin other than `precision_plugin`'s."""
     from efficia.training.module import TrainingModule
 
     cfg = {**cfg, "optimizer": cuda_optimizer(cfg["optimizer"])}
-    plugin = precision_plugin(cfg["trainer"]["precision"])
+    plugin = plugin or precision_plugin(cfg["trainer"]["precision"])
     if fake:
         with torch.device("meta"), no_fake_tensors():  # torchmetrics deep-copies its states: not on fake tensors
             module = TrainingModule(cfg, tokenizer_state)
@@ -258,6 +259,22 @@ def measure_step(cfg: dict[str, Any], tokenizer_state: dict[str, Any], micro_bat
     return Memory(**memory.at_peak)
 
 
+def measure_states(cfg: dict[str, Any], tokenizer_state: dict[str, Any]) -> Memory:
+    """What every step holds whatever its micro-batch: parameters (+ buffers), one gradient per trainable
+    parameter and the optimizer state, counted on fake tensors in seconds (no forward is run)."""
+    with fake_tensors():
+        module, optimizer, _ = build_step(cfg, tokenizer_state, fake=True)
+        make_optimizer_state(module, optimizer)
+
+        def nbytes(tensors) -> int:
+            return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}.values())
+
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        return Memory(parameters=nbytes([*module.parameters(), *module.buffers()]), gradients=nbytes(trainable),
+                      optimizer=nbytes(t for state in optimizer.state.values() for t in state.values()
+                                       if torch.is_tensor(t)), activations=0, transient=0)
+
+
 def measure_validation(cfg: dict[str, Any], tokenizer_state: dict[str, Any], batch_size: int) -> Memory:
     """Memory at the peak of one validation batch during fit (no gradients; the optimizer state exists): a
     validation batch is not split by the preset, and its logits and loss are made all at once."""
@@ -276,14 +293,18 @@ def measure_step_on_cpu(cfg: dict[str, Any], tokenizer_state: dict[str, Any], mi
                         micro_batches: int) -> int:
     """The same step on real CPU tensors, its peak measured independently of the plan: the bytes alive before it
     (parameters, buffers, optimizer state, the batches) plus the highest running sum of the allocations and frees
-    torch.profiler records during it (profile_memory)."""
+    torch.profiler records during it (profile_memory). The precision is the one a real Trainer picks for
+    trainer.precision, not `precision_plugin`'s reading of it."""
+    import lightning as L
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from efficia.models.kernels import clear_caches
 
     clear_caches()  # no mask memoised on fake tensors, and none left behind
-    module, optimizer, plugin = build_step(cfg, tokenizer_state, fake=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=cfg["trainer"]["precision"], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module, optimizer, plugin = build_step(cfg, tokenizer_state, fake=False, plugin=trainer.precision_plugin)
     make_optimizer_state(module, optimizer)
     batches = step_batches(module.tokenizer.vocab_size, micro_batch, cfg["data"]["seq_len"], micro_batches)
     held = [*module.parameters(), *module.buffers(), *batches,

@@ -14,8 +14,14 @@ def gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:.1f} MiB"
 
 
-def seconds(t: float) -> str:
+def seconds(t: float | None) -> str:
+    if t is None:
+        return "-"
     return f"{t:.3g} s" if t >= 1 else f"{t * 1e3:.3g} ms"
+
+
+def rate(tokens_per_second: float | None) -> str:
+    return "-" if tokens_per_second is None else f"{tokens_per_second:,.0f}"
 
 
 def format_plan(plan: Plan) -> str:
@@ -29,14 +35,16 @@ def format_plan(plan: Plan) -> str:
              else "as configured" for c in plan.choices]
     rows: list[tuple[str, list[str]]] = [
         ("micro-batch x accumulation", [f"{c.micro_batch} x {c.accumulate}" if c.micro_batch else
-                                        "does not fit at 1" for c in plan.choices])]
+                                        "does not fit at 1" if c.step_run else "states alone over"
+                                        for c in plan.choices])]
     for part, label in PART_LABELS.items():
         rows.append((f"  {label}", [gib(getattr(c.memory, part)) for c in plan.choices]))
     rows.append(("step peak (at that micro-batch)", [gib(c.memory.peak) for c in plan.choices]))
     rows.append((f"step time at {plan.mfu:.0%} MFU of {plan.peak_flops / 1e12:g} TFLOP/s {plan.compute_dtype}",
                  [seconds(plan.step_seconds(c)) for c in plan.choices]))
-    rows.append(("tokens/s", [f"{plan.tokens_per_second(c):,.0f}" for c in plan.choices]))
-    rows.append(("FLOPs per token (forward + backward)", [f"{c.flops_per_token / 1e6:,.1f} M" for c in plan.choices]))
+    rows.append(("tokens/s", [rate(plan.tokens_per_second(c)) for c in plan.choices]))
+    rows.append(("FLOPs per token (forward + backward)", [f"{c.flops_per_token / 1e6:,.1f} M" if c.flops_per_token
+                                                          else "-" for c in plan.choices]))
     width = max(len(label) for label, _ in rows) + 2
     val = (f"validation batch {plan.val_batch_size} x {plan.seq_len:,} tokens (no gradients, not split): peak "
            f"{gib(plan.validation.peak)}, " + ("fits" if plan.val_fits == plan.val_batch_size else
@@ -59,6 +67,11 @@ def what_to_change(plan: Plan) -> str:
         return (f"{plan.model} on the {plan.card} preset: a validation batch of {plan.val_batch_size} x "
                 f"{plan.seq_len:,} tokens peaks at {gib(plan.validation.peak)}, over the {gib(plan.budget)} its "
                 f"{plan.memory_gb:g} GB leave (the preset splits training batches, not validation ones); {fix}")
+    if not c.step_run:
+        return (f"{plan.model} on the {plan.card} preset: its {plan.params / 1e6:,.0f}M parameters, their gradients "
+                f"and {plan.optimizer} state alone take {gib(c.memory.peak)}, over the {gib(plan.budget)} its "
+                f"{plan.memory_gb:g} GB leave for one step, before any activation; pick a smaller scale= (or fewer "
+                "model.n_layer, a smaller model.d_model)" + (", or use a bigger preset" if plan.memory_gb < 24 else ""))
     fixes = []
     if plan.other is not None and plan.other.micro_batch is not None:
         fixes.append(f"set model.gradient_checkpointing=true (micro-batch {plan.other.micro_batch} then fits)")

@@ -11,7 +11,7 @@ from efficia.config import CONF_DIR
 from efficia.errors import ConfigError
 from efficia.plan.choose import ASSUMED_MFU, CUDA_CONTEXT_GB, Choice, plan_run
 from efficia.plan.command import compose, gpu_presets
-from efficia.plan.report import gib, seconds
+from efficia.plan.report import gib, rate, seconds
 
 
 def seed_recipes() -> list[list[str]]:
@@ -52,10 +52,10 @@ def table(mfu: float = ASSUMED_MFU, context_gb: float = CUDA_CONTEXT_GB) -> str:
 
             off, on = by_setting.get(False), by_setting.get(True)
             time = " / ".join(seconds(plan.step_seconds(c)) for c in (off, on) if c)
-            rate = " / ".join(f"{plan.tokens_per_second(c):,.0f}" for c in (off, on) if c)
+            rates = " / ".join(rate(plan.tokens_per_second(c)) for c in (off, on) if c)
             lines.append(f"| `{' '.join(recipe)}` | {preset} | {plan.params / 1e6:.1f}M | {plan.precision}, "
                          f"{plan.optimizer} | {plan.batch_size} x {plan.seq_len:,} | {cell(off)} | {cell(on)} | "
-                         f"{time} | {rate} | {plan.val_batch_size}, {gib(plan.validation.peak)}"
+                         f"{time} | {rates} | {plan.val_batch_size}, {gib(plan.validation.peak)}"
                          + ("" if plan.val_fits == plan.val_batch_size else
                             f": does not fit, {plan.val_fits or 'nothing'} does") + " |")
             print(lines[-1], file=sys.stderr, flush=True)

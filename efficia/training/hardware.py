@@ -31,6 +31,18 @@ def plan_accumulation(batch_size: int, max_micro_batch: int) -> tuple[int, int]:
     return micro, batch_size // micro
 
 
+def check_budget(memory_gb: float, headroom: float) -> None:
+    """A preset's cap and the share of it kept free: a card has memory, and the headroom leaves some of it."""
+    for key, value in (("memory_gb", memory_gb), ("headroom", headroom)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"callbacks.gpu_budget.{key}={value!r} is not a number")
+    if memory_gb <= 0:
+        raise ConfigError(f"callbacks.gpu_budget.memory_gb={memory_gb:g}: give the card's memory in GB, > 0")
+    if not 0 <= headroom < 1:
+        raise ConfigError(f"callbacks.gpu_budget.headroom={headroom:g}: give the share of the cap kept free as a "
+                          "fraction in [0, 1) (the presets keep 0.1)")
+
+
 def memory_fraction(budget_bytes: int, total_bytes: int) -> float:
     """Share of the card to allow so the process sees at most `budget_bytes` (all of it if smaller)."""
     return min(1.0, budget_bytes / total_bytes)
@@ -41,6 +53,7 @@ class GPUMemoryBudget(Callback):
     step time, efficia/plan/choose.py)."""
 
     def __init__(self, memory_gb: float, headroom: float, card: str) -> None:
+        check_budget(memory_gb, headroom)
         self.card = card
         self.budget = int(memory_gb * 2**30)
         self.headroom = headroom
@@ -91,6 +104,18 @@ class GPUMemoryBudget(Callback):
             raise ConfigError(f"even a micro-batch of 1 x {seq_len} tokens does not fit in "
                               f"{self.budget / 2**30:.0f} GB; use a smaller scale= or data.seq_len=")
         return found
+
+
+def say_where_ddp_runs(trainer: L.Trainer) -> None:
+    """trainer=ddp asks for every GPU; without CUDA, Lightning runs one CPU process and says only "GPU available:
+    False". One line says what runs instead, as the GPU presets do."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(trainer.strategy, DDPStrategy) and isinstance(trainer.accelerator, CPUAccelerator) \
+            and trainer.world_size == 1:
+        rank_zero_info("trainer=ddp: no CUDA device, so this is one process on the CPU (DDP with a world of 1); "
+                       "trainer=ddp_cpu runs two CPU processes, trainer=cpu one without DDP")
 
 
 def search_micro_batch(batch_size: int, fits: Callable[[int], bool]) -> int | None:

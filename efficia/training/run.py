@@ -35,6 +35,7 @@ from efficia.training.checkpointing import (
     find_checkpoint_callback,
     weights_finite,
 )
+from efficia.training.hardware import say_where_ddp_runs
 from efficia.training.init_from import check_tokenizer, init_source, start_from
 from efficia.training.module import TrainingModule
 from efficia.training.resume import check_resumable, checkpoint_dir, claim_run_dir, resolve_ckpt_path, resume_command
@@ -152,9 +153,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if plain_cfg["budget"]["cpu_seconds"] is not None:
         callbacks.append(CpuBudget(plain_cfg["budget"]["cpu_seconds"]))
     with config_errors("trainer"):
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, FinalValidation(), stop, RNGState(),
-                                                                    LoggerStep()],
+        # LoggerStep first: every other callback that logs at a batch's start (the LR monitor) sees its step
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[LoggerStep(), *callbacks, FinalValidation(), stop,
+                                                                    RNGState()],
                                          logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    say_where_ddp_runs(trainer)
     line = apply_flops_budget(trainer, plain_cfg, datamodule.tokenizer.vocab_size, datamodule.batch_size)
     if line:
         rank_zero_only(print)(line)

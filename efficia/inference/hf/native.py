@@ -107,7 +107,12 @@ def uniform_norm(net: nn.Module, cls: str) -> float:
 
 def common(net: nn.Module) -> dict[str, Any]:
     return {"vocab_size": net.tok_emb.num_embeddings, "hidden_size": net.d_model, "num_hidden_layers": net.n_layer,
-            "max_position_embeddings": net.max_seq_len, "tie_word_embeddings": tied(net), "dtype": "float32"}
+            "max_position_embeddings": net.max_seq_len, "tie_word_embeddings": tied(net), "dtype": dtype_name(net)}
+
+
+def dtype_name(net: nn.Module) -> str:
+    """The weights' dtype as transformers' config names it ("bfloat16"): the folder keeps the checkpoint's."""
+    return str(net.param_dtype).removeprefix("torch.")
 
 
 def tied(net: nn.Module) -> bool:
@@ -130,7 +135,7 @@ def attention_heads(mixer: nn.Module) -> dict[str, Any]:
 def deepseek_v2(net: nn.Module) -> dict[str, Any]:
     m = net.blocks[0].mixer
     need(kind(m) == "MultiHeadLatentAttention", "its attention is not MLA")
-    need(net.pos_emb is None and tied(net), "it has learned positions or an untied head")
+    need(net.pos_emb is None, "it has learned positions")
     eps = uniform_norm(net, "RMSNorm")
     latent_norms = [n for n in (m.kv.norm, m.query.norm) if n is not None]
     need(all(kind(n) == "RMSNorm" and n.eps == 1e-6 for n in latent_norms),
@@ -191,13 +196,14 @@ def gpt2(net: nn.Module) -> dict[str, Any]:
             "n_layer": net.n_layer, "n_head": m.n_head, "n_inner": gelu_mlp(net).fc.out_features,
             "activation_function": gelu_name(net, "gelu_new"), "layer_norm_epsilon": uniform_norm(net, "LayerNorm"),
             "resid_pdrop": m.dropout, "embd_pdrop": net.drop.p, "attn_pdrop": m.dropout,
-            "tie_word_embeddings": True, "dtype": "float32"}
+            "tie_word_embeddings": True, "dtype": c["dtype"]}
 
 
 # --- the tables --------------------------------------------------------------------------------------------
 
 B, L = "blocks.{i}", "model.layers.{i}"
-RMS_BLOCK = (rule("tok_emb.weight", "model.embed_tokens.weight"), rule("norm.weight", "model.norm.weight"),
+HEAD = rule("lm_head.weight", "lm_head.weight")  # an untied head (tied, both sides alias it to the embedding)
+RMS_BLOCK = (rule("tok_emb.weight", "model.embed_tokens.weight"), HEAD, rule("norm.weight", "model.norm.weight"),
              rule(f"{B}.norm1.weight", f"{L}.input_layernorm.weight"),
              rule(f"{B}.norm2.weight", f"{L}.post_attention_layernorm.weight"),
              rule(f"{B}.ffn.gate.weight", f"{L}.mlp.gate_proj.weight"),
@@ -221,7 +227,7 @@ DEEPSEEK_V2 = Native("DeepseekV2ForCausalLM", deepseek_v2, RMS_BLOCK + (
 LLAMA = Native("LlamaForCausalLM", llama, RMS_BLOCK + QKV_SPLIT)
 
 STARCODER2 = Native("Starcoder2ForCausalLM", starcoder2, (
-    rule("tok_emb.weight", "model.embed_tokens.weight"), *QKV_SPLIT,
+    rule("tok_emb.weight", "model.embed_tokens.weight"), HEAD, *QKV_SPLIT,
     *(rule(f"{ours}.{p}", f"{theirs}.{p}", zeros=p == "bias")
       for ours, theirs in (("norm", "model.norm"), (f"{B}.norm1", f"{L}.input_layernorm"),
                            (f"{B}.norm2", f"{L}.post_attention_layernorm"))
@@ -321,10 +327,16 @@ def convert(native: Native, hf_config: Any, source: dict[str, Tensor], target: d
         used.update(src)
     unmapped = [n for n in source if n not in used]
     missing = [n for n in target if n not in out]
-    if unmapped or missing:
-        side = "efficia" if to_hf else "transformers"
-        what = (f"no rule takes {side}'s tensor {unmapped[0]}" if unmapped
-                else f"no rule makes {'transformers' if to_hf else 'efficia'}'s tensor {missing[0]}")
+    counts = f"({len(unmapped)} unmapped, {len(missing)} missing)"
+    if to_hf and (unmapped or missing):
+        what = (f"no rule takes efficia's tensor {unmapped[0]}" if unmapped
+                else f"no rule makes transformers' tensor {missing[0]}")
         raise CheckpointError(f"{where}: {what}; the mapping table in efficia/inference/hf/native.py is incomplete "
-                              f"({len(unmapped)} unmapped, {len(missing)} missing)")
+                              f"{counts}")
+    if unmapped:  # a folder efficia did not write as it stands, or whose weights and efficia.json disagree
+        raise CheckpointError(f"{where}: the folder's tensor {unmapped[0]} has no place in the model its efficia.json "
+                              f"describes ({n_layer} layers) {counts}; export the model again")
+    if missing:
+        raise CheckpointError(f"{where}: the folder lacks what efficia's tensor {missing[0]} is made from {counts}; "
+                              "export the model again")
     return out
