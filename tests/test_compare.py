@@ -90,6 +90,8 @@ def test_diverged_and_unfinished_jobs_are_never_chosen(tmp_path: Path) -> None:
     results = results_by_model(tmp_path, protocol())
     assert results["gpt"].best_lr == 0.00316
     assert results["gpt"].edge == "highest"  # an unfinished rate is not known to be worse
+    md = write_comparison(tmp_path, protocol()).read_text()
+    assert "| 1 | `model=gpt` | 0.00316 | 2.0000 (one seed) | 2.0000-2.0000 | 1 | stage 1 not finished |" in md
     assert results["optimus"].best_lr is None
     groups = [["model=gpt"], ["model=optimus"]]
     best = best_rates(groups, tmp_path, protocol(), 1337)

@@ -256,10 +256,13 @@ def markdown(ordered: Sequence[Result], stats: Mapping, ranks: Mapping, protocol
         s = stats.get(r.group)
         lo, hi = ranks.get(r.group, (None, None))
         place = "" if lo is None else (str(lo) if lo == hi else f"{lo}-{hi}")
-        flag = f"best rate is the grid's {r.edge}: widen it" if r.edge else ("no finished rate" if s is None else "")
+        running = [lr for lr, j in r.rates.items() if j.value is None and not j.status.startswith("failed")]
+        flag = ("stage 1 not finished" if running else f"best rate is the grid's {r.edge}: widen it" if r.edge
+                else "no finished rate" if s is None else "")
         lines.append("| " + " | ".join([
             place, f"`{label(r.group, common)}`", fmt(r.best_lr, "g"),
-            f"{s.mean:.4f} ± {s.std:.4f}" if s else "", f"{s.low:.4f}-{s.high:.4f}" if s else "",
+            (f"{s.mean:.4f} ± {s.std:.4f}" if s.n > 1 else f"{s.mean:.4f} (one seed)") if s else "",
+            f"{s.low:.4f}-{s.high:.4f}" if s else "",
             str(s.n) if s else "0", flag]) + " |")
     rates = all_rates(ordered)
     lines += ["", f"Stage 1, {protocol.metric} per learning rate (seed {first_seed}; bold: the chosen rate):", "",
@@ -326,7 +329,8 @@ def plot_curves(results: Sequence[Result], protocol: Protocol, common: set[str],
         fpt = r.seeds[0].row.get("flops_per_token") or math.nan
         for ax, xs in ((axes[0], [statistics.fmean(c[i]["step"] for c in curves) for i in range(n)]),
                        (axes[1], [fpt * statistics.fmean(c[i]["tokens"] for c in curves) for i in range(n)])):
-            (line,) = ax.plot(xs, mean, "-", label=f"{label(r.group, common)} (lr {r.best_lr:g}, {len(curves)} seeds)")
+            seeds = f"{len(curves)} seed{'s' * (len(curves) != 1)}"
+            (line,) = ax.plot(xs, mean, "-", label=f"{label(r.group, common)} (lr {r.best_lr:g}, {seeds})")
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
     axes[0].set_xlabel("step")
     axes[1].set_xlabel("training FLOPs")
