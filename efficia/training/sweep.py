@@ -6,7 +6,7 @@ answer accuracy overall and per test setting). The report reads the records of e
 directory and writes `summary.csv`, `summary.md` and `summary.png` there (plus `recall.png`, accuracy
 against the test settings' seq_len and num_kv_pairs per job, when jobs measured recall), after each job
 (so an interrupted or failed sweep still has one) and at the end of the sweep.
-`python -m efficia.sweep dir=<sweep dir>` rebuilds it by hand.
+`python -m efficia.sweep dir=<sweep dir>` (efficia/sweep.py) rebuilds it by hand.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from efficia.errors import ConfigError
 from efficia.training.budget import describe_budget
 from efficia.training.module import TrainingModule
 from efficia.training.throughput import run_flops_per_token
@@ -364,29 +363,3 @@ class SweepReport(HydraCallback):
                   + "; ".join(f"{r['job']}: {r['status'].removeprefix('failed: ')}" for r in failed[:3]),
                   file=sys.stderr)
             sys.exit(1)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m efficia.sweep dir=<sweep dir>
-
-    Rebuild a multirun's report (summary.csv, summary.md, summary.png, and compare.md for a comparison) in its
-    sweep folder from the jobs' run_record.json files, e.g. after an interrupted sweep: dir=multirun/<date>/<time>.
-    """
-    from efficia.cli import command_options, run_cli
-
-    def run(_: None) -> None:
-        options, _rest = command_options(sys.argv[1:] if argv is None else argv, main.__doc__, {"dir": None},
-                                         required=("dir",))
-        if not Path(str(options["dir"])).is_dir():
-            raise ConfigError(f"dir={options['dir']} is not a folder; give a multirun sweep folder "
-                              "(multirun/<date>/<time>)")
-        print(write_report(options["dir"]) or f"no jobs found under {options['dir']}")
-        from efficia.training.compare import comparison_of
-
-        protocol = comparison_of(Path(str(options["dir"])))
-        if protocol is not None:
-            from efficia.training.compare import write_comparison
-
-            print(write_comparison(options["dir"], protocol))
-
-    run_cli(run, None)
