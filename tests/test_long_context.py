@@ -14,6 +14,7 @@ from tests.conftest import CONF, require_data
 def test_compare_long_is_every_model_at_the_same_long_context(make_cfg) -> None:
     sweep = OmegaConf.load(CONF / "experiment" / "compare_long.yaml").hydra
     assert sweep.mode == "MULTIRUN" and sweep.sweeper.params.model == "glob(*)"  # a new model joins by its yaml
+    assert "/hydra/sweeper" in str(OmegaConf.load(CONF / "experiment" / "compare_long.yaml").defaults)  # the protocol
     cfg = make_cfg("experiment=compare_long")
     assert cfg.model.max_seq_len == cfg.data.seq_len == 1024
     assert cfg.tokenizer.kind == "byte" and cfg.data._target_.endswith("WikipediaDataModule")

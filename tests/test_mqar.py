@@ -241,6 +241,9 @@ def test_compare_recall_sweeps_every_model_on_one_recipe() -> None:
     assert sorted(swept["model"]) == sorted(MODELS)
     assert OmegaConf.to_container(cfg.data) == OmegaConf.to_container(recall.data)  # compare_recall = recall's recipe
     assert cfg.callbacks.early_stopping is None and cfg.model.max_seq_len >= max(t for t, _ in cfg.data.test)
+    sweeper = cfg.hydra.sweeper  # the comparison protocol, on answer accuracy: higher is better
+    assert sweeper._target_.endswith("ComparisonSweeper")
+    assert (sweeper.metric, sweeper.mode) == ("val/recall_acc", "max")
 
 
 def test_sweep_report_has_recall_columns_and_plot(make_cfg, tmp_path: Path) -> None:
