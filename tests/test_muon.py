@@ -129,3 +129,34 @@ def test_one_step_equals_torch_muon_and_adamw_by_hand(make_cfg) -> None:
     for name, p in module.net.named_parameters():
         assert torch.equal(p, named[name]), name
         assert not torch.equal(p, initial[name]), f"{name} never moved"
+
+
+MUON_RUN = ["debug=limit", "logger=csv", "optimizer=muon", "trainer.val_check_interval=4",
+            "trainer.limit_val_batches=1", "callbacks.progress_bar=null"]
+
+
+def test_muon_resumes_exactly(make_cfg) -> None:
+    """8 steps straight equal 4 steps, then resumed from that checkpoint to 8: both optimizers' states, their
+    learning rates and the schedule come back bit for bit. (Warmup covers every step, so the schedule does not
+    depend on max_steps.)"""
+    require_data()
+    common = [*MUON_RUN, "scheduler.warmup_steps=100"]
+    straight = train(make_cfg(*common, "trainer.max_steps=8"))
+    half = train(make_cfg(*common, "trainer.max_steps=4"))
+    state = torch.load(half["last_ckpt"], weights_only=True)["optimizer_states"][0]
+    assert set(state) == {"muon", "adamw"} and all("momentum_buffer" in s for s in state["muon"]["state"].values())
+    resumed = train(make_cfg(*common, "trainer.max_steps=8", f"ckpt_path={half['last_ckpt']}"))
+    assert_same_weights(weights(resumed["last_ckpt"]), weights(straight["last_ckpt"]))
+
+
+def test_muon_accumulation_equals_the_large_batch(make_cfg) -> None:
+    """Two micro-batches of 2 per step train as one batch of 4 (float rounding apart)."""
+    require_data()
+    large = train(make_cfg(*MUON_RUN, "trainer.max_steps=3", "data.batch_size=4"))
+    accumulated = train(make_cfg(*MUON_RUN, "trainer.max_steps=3", "data.batch_size=2",
+                                 "trainer.accumulate_grad_batches=2"))
+    a, b = (weights(run["last_ckpt"]) for run in (large, accumulated))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    momentum = torch.load(large["last_ckpt"], weights_only=True)["optimizer_states"][0]["muon"]["state"]
+    assert len(momentum) == 8 and all(s["momentum_buffer"].abs().sum() > 0 for s in momentum.values())  # it trained

@@ -54,6 +54,22 @@ def plain(cfg: Any) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
+class JointState(ChainMap):
+    """The inner optimizers' states read as one: a key is looked up, and written, in the state that holds it
+    (ChainMap's own lookup would add an empty entry to each defaultdict it asks first)."""
+
+    def owner(self, key: Any) -> dict:
+        return next((state for state in self.maps if key in state), self.maps[0])
+
+    def __getitem__(self, key: Any) -> Any:
+        if not any(key in state for state in self.maps):
+            raise KeyError(key)
+        return self.owner(key)[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.owner(key)[key] = value
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """torch.optim.Muon over the param groups flagged `"muon": True`, torch.optim.AdamW over the others.
 
@@ -81,7 +97,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def link(self) -> None:
         """Point `param_groups` and `state` at the inner optimizers' (again after loading replaced them)."""
         self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
-        self.state = ChainMap(*(opt.state for opt in self.optimizers.values()))
+        self.state = JointState(*(opt.state for opt in self.optimizers.values()))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
