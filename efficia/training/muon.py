@@ -79,7 +79,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
     splits_hidden_matrices = True  # TrainingModule.optimizer_and_schedule flags the hidden matrices' group
 
     def __init__(self, params: Iterable[Any], lr: float, weight_decay: float, momentum: float, nesterov: bool,
-                 ns_steps: int, adjust_lr_fn: str | None, adamw: dict[str, Any]) -> None:
+                 ns_steps: int, adjust_lr_fn: str | None, adamw: dict[str, Any], foreach: bool | None = None) -> None:
+        """The Muon arguments are torch.optim.Muon's, `adamw` torch.optim.AdamW's (conf/optimizer/muon.yaml);
+        `foreach` reaches AdamW unless it is fused: only the memory plan sets it, to step as CUDA would."""
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]  # plain tensors (a config check): AdamW's
@@ -90,7 +92,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
             self.optimizers["muon"] = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                                        nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
         if others:
-            self.optimizers["adamw"] = torch.optim.AdamW(others, **plain(adamw))
+            adamw = plain(adamw)
+            if foreach is not None and not adamw.get("fused"):
+                adamw["foreach"] = foreach
+            self.optimizers["adamw"] = torch.optim.AdamW(others, **adamw)
         super().__init__([p for g in groups for p in g["params"]], {})
         self.link()
 
