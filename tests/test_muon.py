@@ -17,7 +17,7 @@ from efficia.training.module import TrainingModule, warmup_cosine
 from efficia.training.muon import split_for_muon
 from efficia.training.run import train
 from tests.conftest import EXTERNAL_TABLE, require_data
-from tests.test_reliability import assert_same_weights, weights
+from tests.test_reliability import NaNLossAt, assert_same_weights, weights
 
 GATED_FFN = ["blocks.*.ffn.down.weight", "blocks.*.ffn.gate.weight", "blocks.*.ffn.up.weight"]
 LATENT = ["blocks.*.mixer.heads.uk.weight", "blocks.*.mixer.heads.uv.weight", "blocks.*.mixer.kv.down.weight"]
@@ -160,3 +160,16 @@ def test_muon_accumulation_equals_the_large_batch(make_cfg) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
     momentum = torch.load(large["last_ckpt"], weights_only=True)["optimizer_states"][0]["muon"]["state"]
     assert len(momentum) == 8 and all(s["momentum_buffer"].abs().sum() > 0 for s in momentum.values())  # it trained
+
+
+def test_muon_under_bf16_autocast_clipping_and_the_nan_guard(make_cfg, capsys) -> None:
+    """bf16 autocast, gradient clipping (every step at 1e-3, so it always acts) and accumulation, with one NaN
+    batch skipped by nonfinite_loss=skip: every step but that one trains, and the weights stay finite."""
+    require_data()
+    nan_once = [f"+callbacks.nan._target_={NaNLossAt.__module__}.NaNLossAt", "+callbacks.nan.step=2"]
+    result = train(make_cfg(*MUON_RUN, "trainer.max_steps=4", "trainer.precision=bf16-mixed",
+                            "trainer.gradient_clip_val=1e-3", "trainer.accumulate_grad_batches=2",
+                            "nonfinite_loss=skip", *nan_once))
+    assert result["global_step"] == 4
+    assert "step 3: train/loss is nan; skipping this batch" in capsys.readouterr().out
+    assert all(torch.isfinite(v).all() for v in weights(result["last_ckpt"]).values())
