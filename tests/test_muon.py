@@ -92,8 +92,9 @@ def test_a_matrix_declared_nowhere_is_refused(tiny_model) -> None:
 def test_one_step_equals_torch_muon_and_adamw_by_hand(make_cfg) -> None:
     """Three steps of the combined optimizer under the run's schedule equal torch.optim.Muon on the hidden
     matrices + torch.optim.AdamW on the rest (decayed matrices, undecayed vectors), each at its own lr x factor."""
-    cfg = OmegaConf.to_container(make_cfg("optimizer=muon", "scale=tiny", "model.bias=true",
-                                          "model.pos_emb=learned", "scheduler.warmup_steps=1"), resolve=True)
+    cfg = OmegaConf.to_container(make_cfg("optimizer=muon", "scale=tiny", "model.bias=true", "model.pos_emb=learned",
+                                          "scheduler.warmup_steps=1", "optimizer.muon.lr=0.02",
+                                          "optimizer.muon.weight_decay=0.05"), resolve=True)
     torch.manual_seed(0)
     module = TrainingModule(cfg, {"kind": "char", "chars": "abcdefgh"})
     reference = copy.deepcopy(module.net)
@@ -101,7 +102,7 @@ def test_one_step_equals_torch_muon_and_adamw_by_hand(make_cfg) -> None:
     total = 4
     optimizer, schedule = module.optimizer_and_schedule(total)
 
-    muon, adamw, sched = cfg["optimizer"], cfg["optimizer"]["adamw"], cfg["scheduler"]
+    adamw, muon, sched = cfg["optimizer"], cfg["optimizer"]["muon"], cfg["scheduler"]
     named = dict(reference.named_parameters())
     hidden = split_for_muon(reference)[0]
     rest = [p for name, p in named.items() if name not in hidden]

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 from collections import ChainMap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from efficia.errors import ConfigError
@@ -47,11 +47,12 @@ def split_for_muon(model: nn.Module) -> tuple[list[str], list[str]]:
     return hidden, other
 
 
-def plain(cfg: Any) -> dict[str, Any]:
-    """Hydra hands a nested block over as a DictConfig: plain types, so a checkpoint's param groups hold no
-    OmegaConf objects (betas as a tuple, as AdamW's own default)."""
-    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+def plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Arguments as plain types (Hydra hands lists and blocks over as OmegaConf objects), lists as tuples (AdamW's
+    betas), so a checkpoint's param groups hold nothing but what torch.load(weights_only=True) reads."""
+    values = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig | ListConfig) else v
+              for k, v in cfg.items()}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 class JointState(ChainMap):
@@ -78,10 +79,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     splits_hidden_matrices = True  # TrainingModule.optimizer_and_schedule flags the hidden matrices' group
 
-    def __init__(self, params: Iterable[Any], lr: float, weight_decay: float, momentum: float, nesterov: bool,
-                 ns_steps: int, adjust_lr_fn: str | None, adamw: dict[str, Any], foreach: bool | None = None) -> None:
-        """The Muon arguments are torch.optim.Muon's, `adamw` torch.optim.AdamW's (conf/optimizer/muon.yaml);
-        `foreach` reaches AdamW unless it is fused: only the memory plan sets it, to step as CUDA would."""
+    def __init__(self, params: Iterable[Any], muon: Mapping[str, Any], foreach: bool | None = None,
+                 **adamw: Any) -> None:
+        """`muon`: torch.optim.Muon's arguments; the rest are torch.optim.AdamW's (conf/optimizer/muon.yaml).
+        `foreach` is AdamW's too, named so that the memory plan can ask for CUDA's default implementation."""
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]  # plain tensors (a config check): AdamW's
@@ -89,13 +90,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         others = [g for g in groups if not g.get("muon")]
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         if hidden:
-            self.optimizers["muon"] = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                                       nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+            self.optimizers["muon"] = torch.optim.Muon(hidden, **plain(muon))
         if others:
-            adamw = plain(adamw)
-            if foreach is not None and not adamw.get("fused"):
-                adamw["foreach"] = foreach
-            self.optimizers["adamw"] = torch.optim.AdamW(others, **adamw)
+            self.optimizers["adamw"] = torch.optim.AdamW(others, foreach=foreach, **plain(adamw))
         super().__init__([p for g in groups for p in g["params"]], {})
         self.link()
 
