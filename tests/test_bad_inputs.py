@@ -141,6 +141,7 @@ NAMED = {  # override -> the start of the line it must give
     "data.val_fraction=1.5": "data.val_fraction=1.5: give the held-out share strictly between 0 and 1",
     "data.seq_len=1000": "data.seq_len=1000 is longer than model.max_seq_len=32",
     "optimizer.lr=-1": "optimizer: Invalid learning rate: -1",
+    "optimizer=muon optimizer.muon.lr=-1": "optimizer: Learning rate should be >= 0 but is: -1",
     "sampling.top_p=1.5": "sampling.top_p=1.5: give a number in [0, 1]",
     "callbacks.checkpoint.monitor=nope": "callbacks.checkpoint.monitor='nope' is not a metric this run logs",
     "nonfinite_loss=maybe": "nonfinite_loss='maybe': use one of stop, skip",

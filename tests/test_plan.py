@@ -80,6 +80,20 @@ def test_the_model_states_are_counted_as_the_step_counts_them() -> None:
     assert 2 * states.gradients <= states.optimizer < 2.001 * states.gradients  # AdamW's two moments (and steps)
 
 
+def test_muons_state_is_its_momentum_and_adamws_two_moments() -> None:
+    """optimizer=muon: one momentum buffer per hidden matrix (fp32), AdamW's two moments and step for the rest."""
+    from efficia.plan.measure import measure_states
+    from efficia.training.muon import split_for_muon
+
+    cfg, tokenizer = run_config(["model=gpt", "scale=tiny", "tokenizer=byte", "optimizer=muon"])
+    states, step = measure_states(cfg, tokenizer), measure_step(cfg, tokenizer, 2, 2)
+    net = build_model(cfg["model"], 257)
+    hidden, other = split_for_muon(net)
+    numel = {name: p.numel() for name, p in net.named_parameters()}
+    assert states.optimizer == step.optimizer == (4 * sum(numel[n] for n in hidden) + 8 * sum(numel[n] for n in other)
+                                                  + 4 * len(other))
+
+
 def test_a_tied_head_is_counted_once() -> None:
     """The model is built on the meta device and made fake: the tied embedding/head stays one tensor."""
     from efficia.training.module import TrainingModule

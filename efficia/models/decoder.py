@@ -22,6 +22,14 @@ from torch.utils.checkpoint import checkpoint
 from efficia.models.construction import init_weights, mark_residual, require
 from efficia.models.layers import Dropout, PreNormBlock, rope_tables
 
+# optimizer=muon's hidden matrices shared by several models: the gated feed-forward's three, and latent attention's
+# (efficia/models/latent.py) down- and up-projections, W_uk and W_uv included (absorbed into the query and output
+# only when decoding; in training they are plain maps)
+LATENT_ATTENTION_MATRICES = ("blocks.*.mixer.query.down.weight", "blocks.*.mixer.query.up.weight",
+                             "blocks.*.mixer.kv.down.weight", "blocks.*.mixer.heads.uk.weight",
+                             "blocks.*.mixer.heads.uv.weight")
+GATED_FFN_MATRICES = ("blocks.*.ffn.gate.weight", "blocks.*.ffn.up.weight", "blocks.*.ffn.down.weight")
+
 
 @dataclass
 class Step:
@@ -90,6 +98,12 @@ class LanguageModel(nn.Module):
     inputs: ClassVar[tuple[str, ...]] = ()  # constructor tensors that are not config keys (efficia.build reads them)
     max_context: int | None = None
     max_seq_len: int
+    # optimizer=muon (efficia/training/muon.py, docs/muon.md): the parameters of 2+ dimensions Muon trains (hidden
+    # weight matrices) and those that stay on AdamW (tables, the head, score read-outs, filters), as patterns over
+    # parameter names (`*`: one name part, e.g. a block index). A matrix matching neither is refused, so a new one
+    # is placed on purpose; parameters of fewer dimensions (norms, gains, biases) are always AdamW's.
+    muon_matrices: ClassVar[tuple[str, ...]] = ()
+    adamw_matrices: ClassVar[tuple[str, ...]] = ()
 
     def new_cache(self, batch_size: int) -> Cache:  # pragma: no cover - every model overrides
         raise NotImplementedError
@@ -138,6 +152,8 @@ class DecoderLM(LanguageModel):
 
     learned_positions: bool = False
     bounded_context: bool = True
+    muon_matrices = ("blocks.*.mixer.proj.weight",)  # every mixer's output projection (Mixer.add_output)
+    adamw_matrices = ("tok_emb.weight", "pos_emb.weight", "lm_head.weight")  # tables and the head: rows per token
 
     def __init__(self, vocab_size: int, d_model: int, n_layer: int, max_seq_len: int, dropout: float,
                  gradient_checkpointing: bool, *, mixer: Callable[[int], nn.Module], ffn: Callable[[], nn.Module],

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from efficia.models.attention import RingKVState
 from efficia.models.construction import KeepsPreviousNames, check_heads, require
-from efficia.models.decoder import DecoderLM, Mixer, Step
+from efficia.models.decoder import GATED_FFN_MATRICES, DecoderLM, Mixer, Step
 from efficia.models.kernels import sdpa
 from efficia.models.layers import RMSNorm, SwiGLU
 from efficia.models.registry import register
@@ -372,6 +372,15 @@ class Efficia(DecoderLM):
     context is unbounded (the state is constant in T), so decoding may run past max_seq_len."""
 
     bounded_context = False
+    # the GRU's input and recurrent matrices are hidden maps like any other (3 gates stacked, as qkv stacks 3);
+    # the depthwise conv filters, the memory slots (a learned table) and `fuse` (3 branch scores read out of
+    # the stream, a tiny head) stay on AdamW
+    muon_matrices = (*DecoderLM.muon_matrices, "blocks.*.mixer.local.qkv.weight", "blocks.*.mixer.memory.qg.weight",
+                     "blocks.*.mixer.memory.kv.weight", "blocks.*.mixer.summary.compress.weight",
+                     "blocks.*.mixer.recurrence.gru.weight_ih_l0", "blocks.*.mixer.recurrence.gru.weight_hh_l0",
+                     "blocks.*.mixer.recurrence.out.weight", *GATED_FFN_MATRICES)
+    adamw_matrices = (*DecoderLM.adamw_matrices, "blocks.*.mixer.local.conv", "blocks.*.mixer.memory.persistent",
+                      "blocks.*.mixer.fuse.weight")
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, max_seq_len: int,
                  dropout: float, segment: int, mem_size: int, n_persistent: int, compressed_dim: int,

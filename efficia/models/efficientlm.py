@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efficia.models.construction import init_weights, mark_keep_float, require
-from efficia.models.decoder import DecoderLM, Mixer, Step
+from efficia.models.decoder import GATED_FFN_MATRICES, LATENT_ATTENTION_MATRICES, DecoderLM, Mixer, Step
 from efficia.models.kernels import attend, attend_with_own_term
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState, recompute_in_backward
 from efficia.models.layers import RMSNorm, SwiGLU
@@ -292,6 +292,11 @@ class EfficientLM(DecoderLM):
 
     inputs = ("external_table",)  # constructor tensors that are not config keys (efficia.build reads them)
     learned_positions = True
+    # the adapter's four maps read dense external features (not one-hot rows): hidden matrices. The chunk merge's
+    # fc_c and fc_p only score one sigmoid weight per latent (a read-out, like the head): AdamW
+    muon_matrices = (*DecoderLM.muon_matrices, *LATENT_ATTENTION_MATRICES, *GATED_FFN_MATRICES,
+                     "adapter.w1.weight", "adapter.w2.weight", "adapter.up.weight", "adapter.skip.weight")
+    adamw_matrices = (*DecoderLM.adamw_matrices, "blocks.*.mixer.merge.fc_c.weight", "blocks.*.mixer.merge.fc_p.weight")
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, max_seq_len: int,
                  dropout: float, kv_rank: int, qk_nope_head_dim: int, rope_dim: int, v_head_dim: int,

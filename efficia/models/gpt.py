@@ -22,6 +22,9 @@ class GPT(DecoderLM):
     """`bias` (nanoGPT's): biases in every linear layer but the head (attention and MLP) and in the LayerNorms.
     `gelu`: exact, or tanh (OpenAI's GPT-2); checkpoints from before the key existed are exact."""
 
+    muon_matrices = (*DecoderLM.muon_matrices, "blocks.*.mixer.qkv.weight", "blocks.*.ffn.fc.weight",
+                     "blocks.*.ffn.proj.weight")
+
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
                  max_seq_len: int, dropout: float, ffn_hidden: int, bias: bool, pos_emb: str, rope_theta: float,
                  tie_embeddings: bool, gradient_checkpointing: bool, gelu: str = "exact") -> None:

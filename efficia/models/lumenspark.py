@@ -291,6 +291,12 @@ class Lumenspark(DecoderLM):
     RMSNorms have none)."""
 
     learned_positions = True
+    # each low-rank factor is a hidden map of its own; E and F mix positions of a block (not features) and
+    # start as span averages: AdamW, like the position table
+    muon_matrices = (*DecoderLM.muon_matrices, "blocks.*.mixer.q.down.weight", "blocks.*.mixer.q.up.weight",
+                     "blocks.*.mixer.kv.weight", "blocks.*.ffn.fc.down.weight", "blocks.*.ffn.fc.up.weight",
+                     "blocks.*.ffn.proj.down.weight", "blocks.*.ffn.proj.up.weight")
+    adamw_matrices = (*DecoderLM.adamw_matrices, "blocks.*.mixer.e", "blocks.*.mixer.f")
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
                  max_seq_len: int, dropout: float, block: int, k_per_block: int, q_rank: int, ffn_hidden: int,

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from efficia.models.attention import CausalSelfAttention
 from efficia.models.construction import check_heads, require
-from efficia.models.decoder import DecoderLM, Mixer, Step
+from efficia.models.decoder import GATED_FFN_MATRICES, LATENT_ATTENTION_MATRICES, DecoderLM, Mixer, Step
 from efficia.models.kernels import attend
 from efficia.models.latent import LatentHeads, LatentKV, LatentQuery, LatentState, recompute_in_backward
 from efficia.models.layers import RMSNorm, SwiGLU
@@ -74,6 +74,9 @@ class Optimus(DecoderLM):
     decoupled RoPE width d_R. These and `decode` are read by `attention: mla` only, `n_kv_head` by `attention: gqa`
     only: the yaml makes the other setting's keys null (`${efficia.when:...}`), and a set key the chosen
     attention would ignore is refused."""
+
+    muon_matrices = (*DecoderLM.muon_matrices, "blocks.*.mixer.qkv.weight", *LATENT_ATTENTION_MATRICES,
+                     *GATED_FFN_MATRICES)
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
                  max_seq_len: int, dropout: float, attention: str, kv_rank: int | None, q_rank: int | None,

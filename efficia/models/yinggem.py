@@ -11,7 +11,7 @@ is constant and decoding can go on past `max_seq_len` (the training context only
 from __future__ import annotations
 
 from efficia.models.attention import CausalSelfAttention
-from efficia.models.decoder import DecoderLM
+from efficia.models.decoder import GATED_FFN_MATRICES, DecoderLM
 from efficia.models.layers import LeanGatedFeedForward, RMSNorm
 from efficia.models.registry import register
 
@@ -21,6 +21,7 @@ class YingGem(DecoderLM):
     """`attention_bias`: biases on the q/k/v/o projections, nowhere else (the GeGLU and the RMSNorms have none)."""
 
     bounded_context = False
+    muon_matrices = (*DecoderLM.muon_matrices, "blocks.*.mixer.qkv.weight", *GATED_FFN_MATRICES)
 
     def __init__(self, *, vocab_size: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int | None,
                  max_seq_len: int, dropout: float, window: int, ffn_hidden: int, rope_theta: float,

@@ -40,7 +40,7 @@ class Memory:
 
     parameters: int   # parameters and buffers, in the precision's parameter dtype
     gradients: int    # parameter gradients alive at the peak (all of them while accumulating)
-    optimizer: int    # optimizer state (AdamW: two moments; Adafactor: row and column factors)
+    optimizer: int    # optimizer state (AdamW: two moments; Adafactor: row and column factors; Muon: one momentum)
     activations: int  # tensors the forward saved for backward, still alive at the peak
     transient: int    # backward's and the optimizer's temporaries at the peak (e.g. the logits' gradient)
 

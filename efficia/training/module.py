@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
@@ -19,6 +19,7 @@ from efficia.data.tokenizers import tokenizer_from_state
 from efficia.errors import TrainingError
 from efficia.models.output import linear_cross_entropy
 from efficia.training.callbacks import loggers_write_at
+from efficia.training.muon import split_for_muon
 
 
 class BitsPerByte(Metric):
@@ -167,14 +168,19 @@ class TrainingModule(L.LightningModule):
             metric.reset()
 
     def optimizer_and_schedule(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-        """Weight decay on matrices (dim >= 2) only; biases, norms and gains are not decayed. Also what
-        bench/overhead.py's bare loop uses, so both loops step the same optimizer."""
+        """Weight decay (the optimizer's own `weight_decay`) on matrices (dim >= 2) only; biases, norms and gains
+        are not decayed. An optimizer that `splits_hidden_matrices` (optimizer=muon) gets the model's hidden
+        matrices as a group of their own, flagged `muon`. Also what bench/overhead.py's bare loop uses, so both
+        loops step the same optimizer."""
         opt_cfg = dict(self.cfg["optimizer"])
-        weight_decay = opt_cfg.get("weight_decay", 0.0)
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        params = {name: p for name, p in self.net.named_parameters() if p.requires_grad}
+        groups = []
+        if getattr(get_class(opt_cfg["_target_"]), "splits_hidden_matrices", False):
+            hidden, _ = split_for_muon(self.net)
+            groups.append({"params": [params.pop(name) for name in hidden], "muon": True})
+        groups += [
+            {"params": [p for p in params.values() if p.dim() >= 2]},
+            {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0},
         ]
         optimizer = instantiate(opt_cfg, groups)
         sched = self.cfg["scheduler"]

@@ -139,8 +139,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if source is not None:
         start_from(module.net, source, cfg.get("train_only"))
         rank_zero_only(print)(f"starting from init_from={cfg.init_from} at step 0 (new optimizer and schedule)")
-    with config_errors("optimizer"):  # built for real inside fit; refuse bad values before any work
-        instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+    with config_errors("optimizer"):  # built again inside fit; refuse bad values (Muon's too) before any work
+        module.optimizer_and_schedule(1)
     n_params = module.net.num_params()
     rank_zero_only(print)(f"model={cfg.model.name}: {n_params:,} parameters ({n_params / 1e6:.2f}M); "
                           f"vocab {datamodule.tokenizer.vocab_size} ({datamodule.tokenizer.name}); "
