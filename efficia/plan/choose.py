@@ -117,13 +117,6 @@ def validation_batch(cfg: dict[str, Any], tokenizer_state: dict[str, Any], budge
     return found, _validation_cached(key, size)
 
 
-@functools.lru_cache(maxsize=64)
-def _flops_cached(model_json: str, vocab_size: int, seq_len: int) -> float:
-    from efficia.training.throughput import training_flops_per_token
-
-    return training_flops_per_token(json.loads(model_json), vocab_size, seq_len)
-
-
 def choose(cfg: dict[str, Any], tokenizer_state: dict[str, Any], vocab_size: int, budget: int,
            states: Memory) -> Choice:
     """The preset's search (training/hardware.py): the largest of batch, batch/2, ... 1 whose step fits, then the
@@ -133,7 +126,9 @@ def choose(cfg: dict[str, Any], tokenizer_state: dict[str, Any], vocab_size: int
     batch_size, seq_len = cfg["data"]["batch_size"], cfg["data"]["seq_len"]
     if states.peak > budget:
         return Choice(bool(cfg["model"].get("gradient_checkpointing")), None, None, states, None, step_run=False)
-    flops = _flops_cached(json.dumps(cfg["model"], sort_keys=True), vocab_size, seq_len)
+    from efficia.training.throughput import cached_flops_per_token
+
+    flops = cached_flops_per_token(json.dumps(cfg["model"], sort_keys=True), vocab_size, seq_len)
 
     def fits(micro_batch: int) -> bool:
         return step_memory(cfg, tokenizer_state, micro_batch).peak <= budget

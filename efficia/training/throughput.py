@@ -9,6 +9,8 @@ comes from `GPU_PEAK_TFLOPS` (dense figures from NVIDIA's datasheets), and an un
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -82,11 +84,18 @@ def training_flops_per_token(model_cfg: Mapping[str, Any], vocab_size: int, seq_
     return measure_flops(net, lambda: net(idx), loss) / seq_len
 
 
+@functools.lru_cache(maxsize=64)
+def cached_flops_per_token(model_json: str, vocab_size: int, seq_len: int) -> float:
+    """training_flops_per_token of a model config given as sorted JSON: counted once per process (a run's
+    throughput, record and FLOPs budget, and the plan's many candidates, all ask)."""
+    return training_flops_per_token(json.loads(model_json), vocab_size, seq_len)
+
+
 def run_flops_per_token(cfg: Mapping[str, Any], vocab_size: int) -> tuple[float, int]:
     """(training FLOPs per token, the window they are counted at) of a run's config: its data's seq_len,
     else the model's context."""
     seq_len = cfg.get("data", {}).get("seq_len") or cfg["model"]["max_seq_len"]
-    return training_flops_per_token(cfg["model"], vocab_size, seq_len), seq_len
+    return cached_flops_per_token(json.dumps(dict(cfg["model"]), sort_keys=True), vocab_size, seq_len), seq_len
 
 
 def measure_cpu_peak(dtype: str = "fp32", max_n: int = 2048, min_seconds: float = 0.05, repeats: int = 3) -> float:
