@@ -25,6 +25,7 @@ from efficia.training.compare import (
     stage_two,
     write_comparison,
 )
+from efficia.training.multirun import defining
 from efficia.training.run import train
 from efficia.training.sweep import FAILED, RECORD, collect
 from efficia.training.throughput import run_flops_per_token
@@ -184,6 +185,14 @@ def test_a_tiny_comparison_runs_both_stages_and_a_rerun_skips_what_finished(tmp_
     assert (stopped / RECORD).is_file() and (lost / RECORD).is_file()
 
 
+def test_a_rerun_may_change_how_jobs_log_and_stop_but_not_what_they_train() -> None:
+    same = (["model=gpt", "data.seq_len=64", "logger=csv", "trainer.max_steps=5"],
+            ["model=gpt", "data.seq_len=64", "logger=wandb", "trainer=cpu", "callbacks.progress_bar=null"])
+    assert defining(same[0]) == defining(same[1]) == {"model=gpt", "data.seq_len=64"}
+    assert defining(["model=gpt"]) != defining(["model=yinggem"])
+    assert defining(["data.seq_len=64"]) != defining(["data.seq_len=256"])
+
+
 @pytest.mark.slow
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     require_data()
@@ -195,7 +204,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None
         ("0", "failed: d_model (32) must be divisible by n_head (5); change model.n_head or model.d_model"),
         ("1", "done")]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 jobs failed")
-    again = cli("train.py", "-m", "model=gpt", "model.n_head=5,2", *FAST_SWEEP, "logger=csv",
+    again = cli("train.py", "-m", "model=gpt", "model.n_head=5,2", *FAST_SWEEP, "logger=wandb",  # logs elsewhere
                 f"hydra.sweep.dir={tmp_path}")
     assert "failed earlier, skipped" in again.stdout and "finished earlier, skipped" in again.stdout
     other = cli("train.py", "-m", "model=gpt", "model.n_head=4,2", *FAST_SWEEP, "logger=csv",

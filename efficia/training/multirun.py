@@ -57,8 +57,9 @@ def started_with(job_dir: Path) -> list[str] | None:
 
 
 def defining(overrides: list[str]) -> set[str]:
-    """The overrides that make a run what it is (those a resume may change, trainer.* and the like, left out)."""
-    return {o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(APPLIED_ON_RESUME)}
+    """The overrides that make a run what it is: those a resume may change (trainer.* and the like, and a choice
+    in their groups, such as logger=csv) are left out."""
+    return {o for o in overrides if not (o.split("=", 1)[0].lstrip("+~") + ".").startswith(APPLIED_ON_RESUME)}
 
 
 def sweep_resume_command(sweep_dir: str) -> str:
