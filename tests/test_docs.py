@@ -1,29 +1,34 @@
-"""The README is a guide that stays true: its layout names every module, it links every document, and
-every document the code or the yamls cite exists."""
+"""The README is a guide that stays true: its layout names every module (docs/testing.md every test and
+benchmark), it links every document, and every document the code or the yamls cite exists."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def layout_block() -> str:
-    section = README.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+def code_block(text: str, heading: str) -> str:
+    section = text.split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
     return section.split("```", 2)[1]
 
 
-def test_layout_lists_every_module() -> None:
-    layout = layout_block()
-    sources = [p for folder in ("efficia", "bench", "tests") for p in (ROOT / folder).rglob("*.py")
+@pytest.mark.parametrize(("document", "heading", "folders"), [
+    ("README.md", "Layout", ("efficia",)),
+    ("docs/testing.md", "Files", ("bench", "tests"))])
+def test_layout_lists_every_module(document: str, heading: str, folders: tuple[str, ...]) -> None:
+    layout = code_block((ROOT / document).read_text(encoding="utf-8"), heading)
+    sources = [p for folder in folders for p in (ROOT / folder).rglob("*.py")
                if p.name != "__init__.py" or p.parent.name == "efficia"]
     # a name shared by several files (attention.py, quantize.py) must appear once per file
     missing = [str(p.relative_to(ROOT)) for p in sources
                if len(re.findall(rf"(?<![\w.-]){re.escape(p.name)}\b", layout))
                < sum(q.name == p.name for q in sources)]
-    assert not missing, f"README's Layout does not name {missing}: add a line for each"
+    assert not missing, f"{document}'s {heading} does not name {missing}: add a line for each"
 
 
 def test_readme_links_every_document() -> None:
