@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import tempfile
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from efficia.config import compose_run
 from efficia.errors import ConfigError
 from efficia.training.hardware import memory_fraction, plan_accumulation, search_micro_batch
 from efficia.training.module import BitsPerByte, TrainingModule, warmup_cosine
@@ -90,3 +93,21 @@ def test_optimizer_state_is_measured_for_the_configured_optimizer() -> None:
     adafactor = optimizer_state_bytes({"_target_": "torch.optim.Adafactor", "lr": 1e-3}, params)
     assert adamw == 2 * (2 * 300 * 200 + 200) * 4
     assert adafactor == (2 * (300 + 200) + 200) * 4
+    muon = optimizer_state_bytes(muon_cfg(), [{"params": params[:1], "muon": True}, {"params": params[1:]}])
+    assert muon == (300 * 200 + 2 * (300 * 200 + 200)) * 4  # one momentum for the hidden matrix, AdamW's two moments
+
+
+def muon_cfg() -> dict:
+    cfg = compose_run(["optimizer=muon", "optimizer.fused=false"], tempfile.gettempdir())
+    return OmegaConf.to_container(cfg.optimizer, resolve=True)
+
+
+def test_the_gpu_budget_measures_the_optimizer_state_on_the_runs_own_groups() -> None:
+    """Under optimizer=muon the hidden matrices keep one buffer, not AdamW's two: the budget asks the module."""
+    from efficia.training.hardware import optimizer_state_bytes
+
+    module = tiny_module(muon_cfg())
+    hidden = {id(p) for g in module.parameter_groups() if g.get("muon") for p in g["params"]}
+    every = [p for p in module.parameters() if p.requires_grad]
+    expected = 4 * sum(p.numel() * (1 if id(p) in hidden else 2) for p in every)
+    assert hidden and optimizer_state_bytes(module.cfg["optimizer"], module.parameter_groups()) == expected

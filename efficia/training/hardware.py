@@ -81,8 +81,9 @@ class GPUMemoryBudget(Callback):
     def largest_fitting_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_size: int,
                               seq_len: int) -> int:
         vocab = pl_module.tokenizer.vocab_size
-        # the configured optimizer's state exists for the whole run (AdamW: 2 moments, Adafactor: far less)
-        optimizer_bytes = optimizer_state_bytes(pl_module.cfg["optimizer"], pl_module.parameters())
+        # the configured optimizer's state exists for the whole run (AdamW: 2 moments, Adafactor: far less,
+        # Muon: one momentum per hidden matrix), measured on the param groups the run will give it
+        optimizer_bytes = optimizer_state_bytes(pl_module.cfg["optimizer"], pl_module.parameter_groups())
 
         def fits(micro_batch: int) -> bool:
             """One real forward + backward at this micro-batch, under the trainer's precision."""
@@ -129,15 +130,20 @@ def search_micro_batch(batch_size: int, fits: Callable[[int], bool]) -> int | No
     return None
 
 
-def optimizer_state_bytes(optimizer_cfg: dict[str, Any], params: Iterable[torch.Tensor]) -> int:
-    """Bytes of state the configured optimizer keeps for these parameters, measured rather than assumed:
-    one real step on a zero CPU copy of each distinct (shape, dtype), times how often it occurs."""
-    counts = Counter((tuple(p.shape), p.dtype) for p in params if p.requires_grad)
+def optimizer_state_bytes(optimizer_cfg: dict[str, Any], params: Iterable[Any]) -> int:
+    """Bytes of state the configured optimizer keeps for these parameters (tensors, or param groups as the run
+    builds them: a group's flags, such as Muon's, decide which state a parameter gets), measured rather than
+    assumed: one real step on a zero CPU copy of each distinct (shape, dtype, group flags), times its count."""
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    counts = Counter((tuple(p.shape), p.dtype, tuple(sorted((k, v) for k, v in g.items() if k != "params")))
+                     for g in groups for p in g["params"] if p.requires_grad)
     total = 0
-    for (shape, dtype), n in counts.items():
+    for (shape, dtype, flags), n in counts.items():
         probe = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
         probe.grad = torch.zeros_like(probe)
-        optimizer = instantiate(optimizer_cfg, [probe])
+        optimizer = instantiate(optimizer_cfg, [{**dict(flags), "params": [probe]}])
         optimizer.step()
         state = optimizer.state[probe].values()
         total += n * sum(t.numel() * t.element_size() for t in state if torch.is_tensor(t) and t.dim() > 0)

@@ -167,22 +167,25 @@ class TrainingModule(L.LightningModule):
         for metric in (self.val_loss, self.val_bpb, self.recall_acc, *self.recall_acc_by_set):
             metric.reset()
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The configured optimizer's param groups (see optimizer_and_schedule); also what the GPU memory budget
+        measures the optimizer's state on."""
+        params = {name: p for name, p in self.net.named_parameters() if p.requires_grad}
+        groups = []
+        if getattr(get_class(self.cfg["optimizer"]["_target_"]), "splits_hidden_matrices", False):
+            hidden, _ = split_for_muon(self.net)
+            groups.append({"params": [params.pop(name) for name in hidden], "muon": True})
+        return groups + [
+            {"params": [p for p in params.values() if p.dim() >= 2]},
+            {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
     def optimizer_and_schedule(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
         """Weight decay (the optimizer's own `weight_decay`) on matrices (dim >= 2) only; biases, norms and gains
         are not decayed. An optimizer that `splits_hidden_matrices` (optimizer=muon) gets the model's hidden
         matrices as a group of their own, flagged `muon`. Also what bench/overhead.py's bare loop uses, so both
         loops step the same optimizer."""
-        opt_cfg = dict(self.cfg["optimizer"])
-        params = {name: p for name, p in self.net.named_parameters() if p.requires_grad}
-        groups = []
-        if getattr(get_class(opt_cfg["_target_"]), "splits_hidden_matrices", False):
-            hidden, _ = split_for_muon(self.net)
-            groups.append({"params": [params.pop(name) for name in hidden], "muon": True})
-        groups += [
-            {"params": [p for p in params.values() if p.dim() >= 2]},
-            {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        optimizer = instantiate(opt_cfg, groups)
+        optimizer = instantiate(dict(self.cfg["optimizer"]), self.parameter_groups())
         sched = self.cfg["scheduler"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, sched["warmup_steps"], total_steps, sched["min_lr_ratio"])
