@@ -165,8 +165,8 @@ def test_binary_file_as_data_path_is_one_line(make_cfg, tmp_path: Path) -> None:
         train(make_cfg(*FAST, f"data.path={binary}"))
 
 
-GROUPS = {"model": ["gpt", "yinggem"], "optimizer": ["adamw", "adafactor"], "trainer": ["cpu", "default", "rtx3060"],
-          "tokenizer": ["char", "char", "gpt2"]}
+GROUPS = {"model": ["gpt", "yinggem"], "optimizer": ["muon", "adamw", "adafactor"],
+          "trainer": ["cpu", "default", "rtx3060"], "tokenizer": ["char", "char", "gpt2"]}
 BAD_VALUES = [
     "model.dropout=1.5", "model.dropout=-0.1", "model.n_head=0", "model.pos_emb=foo", "model.max_seq_len=0",
     "seed=abc", "seed=-3", "seed=1.5", "nonfinite_loss=explode",

@@ -22,8 +22,8 @@ from tests.conftest import CONF, ROOT
 # by more than 15% somewhere: (overrides, micro-batch, micro-batches per step).
 SIZES = {
     # model states: AdamW's two moments, fp32 weights and the gradients the first micro-batch leaves alive
-    "states": (["model=gpt", "scale=small", "tokenizer=byte", "model.d_model=256", "model.max_seq_len=128",
-                "data.batch_size=2"], 1, 2),
+    "states": (["model=gpt", "scale=small", "tokenizer=byte", "optimizer=adamw", "model.d_model=256",
+                "model.max_seq_len=128", "data.batch_size=2"], 1, 2),
     # activations: sliding-window attention (chunked path) under bf16 autocast, Adafactor
     "activations": (["model=yinggem", "scale=tiny", "tokenizer=byte", "optimizer=adafactor",
                      "trainer.precision=bf16-mixed", "model.max_seq_len=128", "model.window=32",
@@ -187,7 +187,7 @@ def test_an_impossible_run_is_one_line_and_a_non_zero_exit() -> None:
     through `python -m efficia.plan`: refused from those states, without running a step on fake tensors.
     (A context longer than the data is refused earlier, by train's checks.)"""
     proc = subprocess.run([sys.executable, "-m", "efficia.plan", "model=gpt", "scale=seed", "model.d_model=8192",
-                           "model.n_head=64", "trainer=rtx3060"], cwd=ROOT, capture_output=True,
+                           "model.n_head=64", "trainer=rtx3060", "optimizer=adamw"], cwd=ROOT, capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()

@@ -82,7 +82,7 @@ def test_every_logger_runs(make_cfg, logger: str) -> None:
         assert result["wandb_offline_dirs"] and list(out.glob("wandb/offline-run-*"))
     if logger == "csv":
         metrics = (out / "csv" / "metrics.csv").read_text()
-        for key in ("train/loss", "val/loss", "val/ppl", "val/bpb", "train/tokens", "lr-AdamW", "tok/s"):
+        for key in ("train/loss", "val/loss", "val/ppl", "val/bpb", "train/tokens", "lr-MuonWithAdamW", "tok/s"):
             assert key in metrics
     if logger == "tensorboard":
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
