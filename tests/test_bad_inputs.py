@@ -140,7 +140,8 @@ NAMED = {  # override -> the start of the line it must give
     "data.num_workers=-1": "data.num_workers=-1: give a whole number >= 0",
     "data.val_fraction=1.5": "data.val_fraction=1.5: give the held-out share strictly between 0 and 1",
     "data.seq_len=1000": "data.seq_len=1000 is longer than model.max_seq_len=32",
-    "optimizer.lr=-1": "optimizer: Invalid learning rate: -1",
+    "optimizer.lr=-1": "optimizer: Learning rate should be >= 0 but is: -1",  # torch.optim.Muon's own words
+    "optimizer=adamw optimizer.lr=-1": "optimizer: Invalid learning rate: -1",
     "optimizer=muon optimizer.muon.lr=-1": "optimizer: Learning rate should be >= 0 but is: -1",
     "sampling.top_p=1.5": "sampling.top_p=1.5: give a number in [0, 1]",
     "callbacks.checkpoint.monitor=nope": "callbacks.checkpoint.monitor='nope' is not a metric this run logs",
@@ -165,8 +166,8 @@ def test_binary_file_as_data_path_is_one_line(make_cfg, tmp_path: Path) -> None:
         train(make_cfg(*FAST, f"data.path={binary}"))
 
 
-GROUPS = {"model": ["gpt", "yinggem"], "optimizer": ["muon", "adamw", "adafactor"],
-          "trainer": ["cpu", "default", "rtx3060"], "tokenizer": ["char", "char", "gpt2"]}
+GROUPS = {"model": ["gpt", "yinggem"], "optimizer": ["adamw", "adafactor"], "trainer": ["cpu", "default", "rtx3060"],
+          "tokenizer": ["char", "char", "gpt2"]}
 BAD_VALUES = [
     "model.dropout=1.5", "model.dropout=-0.1", "model.n_head=0", "model.pos_emb=foo", "model.max_seq_len=0",
     "seed=abc", "seed=-3", "seed=1.5", "nonfinite_loss=explode",

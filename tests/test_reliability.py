@@ -397,17 +397,18 @@ def test_a_used_run_folder_is_refused_and_left_intact(make_cfg) -> None:
 
 def test_resume_refuses_overrides_it_would_drop(make_cfg) -> None:
     require_data()
-    first_cfg = make_cfg(*BASE, "optimizer=adamw", "trainer.max_steps=2")
+    adamw_run = (*BASE, "optimizer=adamw")  # the run every refusal below tries to resume
+    first_cfg = make_cfg(*adamw_run, "trainer.max_steps=2")
     first = train(first_cfg)
     lr = first_cfg.optimizer.lr
     with pytest.raises(CheckpointError, match=rf"cannot change \(optimizer.lr={lr} there vs 0.01 here\)"):
-        train(make_cfg(*BASE, "optimizer=adamw", "optimizer.lr=1e-2", f"ckpt_path={first['last_ckpt']}"))
+        train(make_cfg(*adamw_run, "optimizer.lr=1e-2", f"ckpt_path={first['last_ckpt']}"))
     with pytest.raises(CheckpointError, match=r"optimizer._target_='torch.optim.AdamW' there vs "
                                               r"'torch.optim.Adafactor' here"):
         train(make_cfg(*BASE, "optimizer=adafactor", f"ckpt_path={first['last_ckpt']}"))
     with pytest.raises(CheckpointError, match="trained with tokenizer char65, this run's tokenizer= and data "
                                               "give gpt2"):
-        train(make_cfg(*BASE, "tokenizer=gpt2", f"ckpt_path={first['last_ckpt']}"))
-    resumed = train(make_cfg(*BASE, "trainer.max_steps=4", "trainer.val_check_interval=2",
+        train(make_cfg(*adamw_run, "tokenizer=gpt2", f"ckpt_path={first['last_ckpt']}"))
+    resumed = train(make_cfg(*adamw_run, "trainer.max_steps=4", "trainer.val_check_interval=2",
                              f"ckpt_path={first['last_ckpt']}"))  # trainer.* is applied
     assert resumed["global_step"] == 4
