@@ -97,7 +97,7 @@ def main() -> None:
                         help="char: tiny Shakespeare (nanoGPT's README recipe); gpt2: Wikipedia sample, GPT-2 tokens")
     parser.add_argument("--iters", type=int, default=None,
                         help="nanoGPT's iterations with --tokens gpt2 (its schedule decays over them); default 300")
-    parser.add_argument("--repeats", type=int, default=1, help="pairs to run (order alternating); medians reported")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs to run (nanoGPT, then efficia); medians reported")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/...)")
     parser.add_argument("overrides", nargs="*", help="overrides for `python train.py`")
     args = parser.parse_args()
