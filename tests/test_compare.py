@@ -109,6 +109,29 @@ def test_a_metric_where_higher_is_better_and_the_best_validation(tmp_path: Path)
     assert results_by_model(tmp_path, best)["gpt"].best_lr == 0.001  # 0.9 at its best validation
 
 
+def test_one_test_settings_accuracy_can_be_the_metric(tmp_path: Path) -> None:
+    def job(lr: str, pooled: float, at_64x8: float) -> None:  # the record as SweepRecord writes it
+        path = write_job(tmp_path, ["model=gpt", f"optimizer.lr={lr}", "seed=1337"])
+        val = [{"step": 10, "loss": 3.0, "bpb": 4.0, "recall_acc": pooled, "recall": {"64x8": at_64x8, "256x8": 0.0}}]
+        (path / RECORD).write_text(json.dumps({"steps": 10, "val": val, "flops_per_token": 1e6}))
+
+    job("0.001", pooled=0.6, at_64x8=0.7)
+    job("0.01", pooled=0.5, at_64x8=0.9)
+    assert results_by_model(tmp_path, protocol(metric="val/recall_acc", mode="max"))["gpt"].best_lr == 0.001
+    per_setting = results_by_model(tmp_path, protocol(metric="val/recall_acc/64x8", mode="max"))["gpt"]
+    assert per_setting.best_lr == 0.01 and per_setting.values() == [0.9]
+
+
+def test_a_metric_no_run_records_is_refused_before_any_job(tmp_path: Path) -> None:
+    # were it not refused, one tiny job would run, and the sweep would end without a comparable value
+    proc = cli("train.py", "experiment=compare_small", "model=gpt", "hydra.sweeper.metric=val/recal_acc", "scale=tiny",
+               "hydra.sweeper.lr_factors=[1]", "hydra.sweeper.seeds=1", *FAST_SWEEP,
+               f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode != 0
+    assert "hydra.sweeper.metric=val/recal_acc is not recorded by a run: use val/loss" in proc.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_seed_statistics_and_a_ranking_that_does_not_order_overlapping_ranges() -> None:
     s = seed_stats([1.0, 1.2, 1.1])
     assert (s.mean, s.low, s.high, s.n) == (pytest.approx(1.1), 1.0, 1.2, 3) and s.std == pytest.approx(0.1)

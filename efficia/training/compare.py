@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,10 +87,20 @@ class Stats:
     n: int
 
 
+RECORDED_METRICS = re.compile(r"val/(loss|bpb|recall_acc(/\d+x\d+)?)")  # what a validation record holds
+
+
+def recorded(validation: Mapping[str, Any], metric: str) -> float | None:
+    """One validation's metric: `val/loss`, `val/bpb`, `val/recall_acc`, or one test setting's
+    `val/recall_acc/<T>x<P>` (kept under the record's `recall`)."""
+    key = metric.removeprefix("val/")
+    value = (validation.get("recall") or {}).get(key.split("/", 1)[1]) if "/" in key else validation.get(key)
+    return None if value is None else float(value)
+
+
 def metric_value(val: Sequence[Mapping[str, Any]], protocol: Protocol) -> float | None:
     """The job's metric from its validations (nan if it is not finite there: diverged)."""
-    key = protocol.metric.removeprefix("val/")
-    scored = [float(v[key]) for v in val if key in v and v[key] is not None]
+    scored = [v for v in (recorded(entry, protocol.metric) for entry in val) if v is not None]
     if not scored:
         return None
     if protocol.at == "final":

@@ -25,11 +25,14 @@ class ComparisonSweeper(BasicSweeper):
                  seeds: int = 3, metric: str = "val/loss", mode: str = "min", at: str = "final",
                  max_batch_size: int | None = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
-        from efficia.training.compare import Protocol
+        from efficia.training.compare import RECORDED_METRICS, Protocol
 
         if mode not in ("min", "max") or at not in ("final", "best") or int(seeds) < 1 or not lr_factors:
             raise HydraException(f"hydra.sweeper: mode={mode} (min|max), at={at} (final|best), seeds={seeds} (>= 1) "
                                  f"and lr_factors={lr_factors} (a non-empty list) must all be valid")
+        if not RECORDED_METRICS.fullmatch(metric):
+            raise HydraException(f"hydra.sweeper.metric={metric} is not recorded by a run: use val/loss, val/bpb, "
+                                 "val/recall_acc or one data.test setting's val/recall_acc/<seq_len>x<pairs>")
         self.protocol = Protocol(metric, mode, at, tuple(float(f) for f in lr_factors), int(seeds))
 
     def sweep(self, arguments: list[str]) -> Any:
